@@ -1,0 +1,3 @@
+"""stockade: run code strangers send, confined, fast."""
+
+__version__ = "0.1.0"

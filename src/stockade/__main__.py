@@ -1,0 +1,3 @@
+from stockade.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""Messages between a client, the zygote and a run, with their size caps.
+
+Every message is a typed msgspec struct decoded with a size cap; nothing is unpickled or
+evaluated. Control messages travel over SOCK_SEQPACKET with file descriptors attached
+(SCM_RIGHTS); the program, its stdin and its files travel in sealed memfds that only the
+run reads, so the zygote never holds one run's data where the next run could find it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import TypeVar
+
+import msgspec
+
+from stockade.limits import Limits
+from stockade.result import Outcome
+
+MAX_MESSAGE = 64 * 1024
+MAX_FILES = 64
+MAX_FILE_NAME = 255
+MAX_PATH_DEPTH = 8
+MAX_ARGS = 256
+MAX_ARG_LENGTH = 4096
+CODE_FILE = "main.py"
+
+# The order of the descriptors attached to a Start message.
+START_FDS = ("payload", "stdin", "stdout", "stderr")
+
+
+class ProtocolError(ValueError):
+    """A peer sent something that does not fit the schema or its caps."""
+
+
+class InputFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    content: bytes
+
+
+class Payload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What the run itself reads: the program, its arguments and its input files."""
+
+    code: str
+    args: list[str] = []
+    files: list[InputFile] = []
+
+
+class Start(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="start"):
+    limits: Limits
+
+
+class Cancel(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="cancel"):
+    reason: str = "cancelled"
+
+
+class Report(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="report"):
+    outcome: Outcome
+
+
+class Go(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="go"):
+    """Zygote to a waiting run: start now, with these limits."""
+
+    limits: Limits
+
+
+class InitReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="init"):
+    """A run's init to the zygote: how the program ended, or why it never started."""
+
+    wait_status: int | None = None
+    error: str | None = None
+
+
+ClientMessage = Start | Cancel
+T = TypeVar("T")
+
+_client_decoder = msgspec.json.Decoder(ClientMessage)
+_report_decoder = msgspec.json.Decoder(Report)
+_go_decoder = msgspec.json.Decoder(Go)
+_init_decoder = msgspec.json.Decoder(InitReport)
+_payload_decoder = msgspec.msgpack.Decoder(Payload)
+_encoder = msgspec.json.Encoder()
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    raw = _encoder.encode(message)
+    if len(raw) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(raw)} bytes exceeds the {MAX_MESSAGE} byte cap")
+    return raw
+
+
+def _decode(decoder: msgspec.json.Decoder[T], raw: bytes) -> T:
+    if len(raw) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(raw)} bytes exceeds the {MAX_MESSAGE} byte cap")
+    try:
+        return decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"invalid message: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"malformed message: {exc}") from None
+
+
+def decode_client(raw: bytes) -> ClientMessage:
+    message: ClientMessage = _decode(_client_decoder, raw)
+    return message
+
+
+def decode_report(raw: bytes) -> Report:
+    return _decode(_report_decoder, raw)
+
+
+def decode_go(raw: bytes) -> Go:
+    return _decode(_go_decoder, raw)
+
+
+def decode_init(raw: bytes) -> InitReport:
+    return _decode(_init_decoder, raw)
+
+
+def encode_payload(payload: Payload) -> bytes:
+    check_payload(payload)
+    return msgspec.msgpack.encode(payload)
+
+
+def decode_payload(raw: bytes) -> Payload:
+    try:
+        payload = _payload_decoder.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ProtocolError(f"invalid payload: {exc}") from None
+    check_payload(payload)
+    return payload
+
+
+def check_file_name(name: str) -> None:
+    """Refuse any name that could leave the working directory or collide with the program."""
+    encoded = name.encode("utf-8", "surrogateescape")
+    if not name or len(encoded) > MAX_FILE_NAME:
+        raise ProtocolError(f"file name must be 1 to {MAX_FILE_NAME} bytes: {name!r}")
+    parts = name.split("/")
+    if (name.startswith("/") or "\0" in name or len(parts) > MAX_PATH_DEPTH
+            or any(part in ("", ".", "..") for part in parts)):
+        raise ProtocolError(f"file name must be a plain relative path without '..': {name!r}")
+    if name == CODE_FILE:
+        raise ProtocolError(f"file name {CODE_FILE!r} is reserved for the program")
+
+
+def check_payload(payload: Payload) -> None:
+    if len(payload.args) > MAX_ARGS or any(len(a) > MAX_ARG_LENGTH for a in payload.args):
+        raise ProtocolError(f"at most {MAX_ARGS} args of {MAX_ARG_LENGTH} characters each")
+    if len(payload.files) > MAX_FILES:
+        raise ProtocolError(f"at most {MAX_FILES} files")
+    names = [f.name for f in payload.files]
+    for name in names:
+        check_file_name(name)
+    if len(set(names)) != len(names):
+        raise ProtocolError("file names must be unique")
+
+
+def send(sock: socket.socket, message: msgspec.Struct, fds: list[int] | None = None) -> None:
+    socket.send_fds(sock, [encode(message)], fds or [])
+
+
+def receive(sock: socket.socket, max_fds: int = 0) -> tuple[bytes, list[int]]:
+    """Receive one whole message; an oversized or truncated one is refused, its fds closed."""
+    raw, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE + 1, max(max_fds, 1))
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(raw) > MAX_MESSAGE or (
+            len(fds) > max_fds):
+        for fd in fds:
+            os.close(fd)
+        raise ProtocolError("message or descriptor list over the cap")
+    return raw, fds

@@ -1,0 +1,168 @@
+"""Talk to a zygote: hand it one run, read the run's output with caps, return the record.
+
+The program, stdin and files go into sealed memfds; stdout and stderr come back on pipes
+this side owns. Output past the cap is drained and dropped. Everything the zygote says is
+decoded against the schema; a silent or broken zygote gives `internal_error`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import selectors
+import socket
+import time
+from dataclasses import dataclass, field
+
+from stockade import protocol
+from stockade.limits import Limits
+from stockade.result import Outcome, Result, Status, judge, signal_name
+
+REPORT_GRACE_S = 5.0  # how long past the wall-time limit a zygote may take to answer
+EOF_GRACE_S = 2.0  # how long output may keep flowing after the report
+READ_CHUNK = 65536
+_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+
+
+@dataclass(frozen=True)
+class Job:
+    code: str
+    stdin: bytes = b""
+    args: list[str] = field(default_factory=list)
+    files: list[protocol.InputFile] = field(default_factory=list)
+
+
+class Capture:
+    """Keeps the first `cap` bytes of a stream and counts the rest."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.data = bytearray()
+        self.total = 0
+
+    def feed(self, chunk: bytes) -> None:
+        room = self.cap - len(self.data)
+        if room > 0:
+            self.data += chunk[:room]
+        self.total += len(chunk)
+
+    @property
+    def over(self) -> bool:
+        return self.total > self.cap
+
+    def text(self) -> str:
+        return self.data.decode("utf-8", errors="replace")
+
+
+def sealed_memfd(name: str, content: bytes) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def connect(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def internal_error(message: str) -> Result:
+    return Result(status=Status.INTERNAL_ERROR, message=message)
+
+
+def run(sock: socket.socket, job: Job, limits: Limits) -> Result:
+    """Run `job` on the zygote behind `sock` (one run at a time per socket)."""
+    payload = protocol.encode_payload(protocol.Payload(job.code, job.args, job.files))
+    out_r, out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    sent = [out_w, err_w]
+    try:
+        sent += [sealed_memfd("payload", payload), sealed_memfd("stdin", job.stdin)]
+        payload_fd, stdin_fd = sent[2], sent[3]
+        protocol.send(sock, protocol.Start(limits), [payload_fd, stdin_fd, out_w, err_w])
+    except OSError as exc:
+        for fd in (out_r, err_r):
+            os.close(fd)
+        return internal_error(f"cannot reach the sandbox: {exc}")
+    finally:
+        for fd in sent:
+            os.close(fd)
+    cap = limits.output_kib * 1024
+    streams = {out_r: Capture(cap), err_r: Capture(cap)}
+    outcome = _collect(sock, streams, limits)
+    stdout, stderr = streams[out_r], streams[err_r]
+    status, message = judge(outcome, limits, stdout.over or stderr.over)
+    return Result(
+        status=status,
+        exit_code=outcome.exit_code,
+        signal=signal_name(outcome.signal) if outcome.signal is not None else None,
+        stdout=stdout.text(), stderr=stderr.text(),
+        stdout_truncated=stdout.over, stderr_truncated=stderr.over,
+        cpu_time_s=outcome.cpu_time_s, wall_time_s=outcome.wall_time_s,
+        memory_peak_kib=outcome.memory_peak_kib, message=message,
+    )
+
+
+def _collect(sock: socket.socket, streams: dict[int, Capture], limits: Limits) -> Outcome:
+    """Drain both streams and wait for the report, each within its own bound."""
+    deadline = time.monotonic() + limits.wall_time_s + REPORT_GRACE_S
+    outcome: Outcome | None = None
+    cancelled = False
+    with selectors.DefaultSelector() as sel:
+        for fd in streams:
+            sel.register(fd, selectors.EVENT_READ)
+        sel.register(sock, selectors.EVENT_READ)
+        try:
+            while outcome is None or len(sel.get_map()) > 0:
+                if outcome is not None and time.monotonic() > deadline:
+                    break  # output that outlives its run is not worth waiting for
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    return Outcome(error="the sandbox did not answer in time")
+                for key, _ in sel.select(timeout):
+                    if key.fileobj is sock:
+                        sel.unregister(sock)
+                        outcome = _read_report(sock)
+                        deadline = time.monotonic() + EOF_GRACE_S
+                        continue
+                    capture = streams[key.fd]
+                    chunk = os.read(key.fd, READ_CHUNK)
+                    if not chunk:
+                        sel.unregister(key.fd)
+                        continue
+                    capture.feed(chunk)
+                    if capture.over and not cancelled and outcome is None:
+                        cancelled = True
+                        with contextlib.suppress(OSError):
+                            protocol.send(sock, protocol.Cancel("output_limit"))
+        finally:
+            for fd in streams:
+                os.close(fd)
+    assert outcome is not None
+    return outcome
+
+
+def _read_report(sock: socket.socket) -> Outcome:
+    try:
+        raw, _ = protocol.receive(sock)
+    except (OSError, protocol.ProtocolError) as exc:
+        return Outcome(error=f"unreadable answer from the sandbox: {exc}")
+    if not raw:
+        return Outcome(error="the sandbox closed the connection")
+    try:
+        return protocol.decode_report(raw).outcome
+    except protocol.ProtocolError as exc:
+        return Outcome(error=str(exc))

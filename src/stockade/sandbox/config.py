@@ -1,0 +1,56 @@
+"""Configuration of one zygote. Holds no secrets: it is visible to every run it forks."""
+
+from __future__ import annotations
+
+import msgspec
+
+from stockade.limits import LimitPolicy
+
+# What a run's environment holds, and nothing else.
+RUN_ENVIRONMENT = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "HOME": "/box",
+    "TMPDIR": "/tmp",
+    "LANG": "C.UTF-8",
+    "PYTHONIOENCODING": "utf-8",
+}
+WORKDIR = "/box"
+HOSTNAME = "sandbox"
+DEFAULT_PRELOAD = [
+    "json", "re", "math", "collections", "itertools", "functools", "decimal",
+    "fractions", "datetime", "random", "string", "heapq", "bisect", "statistics",
+    "dataclasses", "typing", "io", "csv", "traceback", "runpy",
+]
+
+
+class SandboxConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    socket_path: str
+    # Where the zygote keeps its mount point for run roots; created, owned by root.
+    state_dir: str
+    name: str = "zygote"
+    run_uid: int = 61000
+    run_gid: int = 61000
+    preload: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_PRELOAD))
+    limits: LimitPolicy = LimitPolicy()
+    isolate_network: bool = True
+    cgroup_parent: str = "stockade"
+    workdir_size_mib: int = 64
+    tmp_size_mib: int = 64
+    shm_size_mib: int = 16
+    rlimit_nofile: int = 256
+    rlimit_nproc: int = 512
+    rlimit_stack_mib: int = 8
+    max_payload_mib: int = 32
+    # Read-only paths shown to runs besides /usr, /etc and the interpreter's own paths.
+    extra_ro_paths: list[str] = []
+    # Unix uid/gid allowed to connect to the socket besides root (the runner's user).
+    socket_owner_uid: int = 0
+    socket_owner_gid: int = 0
+
+    def __post_init__(self) -> None:
+        if self.run_uid <= 0 or self.run_gid <= 0:
+            raise ValueError("run_uid and run_gid must be non-zero: runs never run as root")
+        for name in ("workdir_size_mib", "tmp_size_mib", "shm_size_mib", "rlimit_nofile",
+                     "rlimit_nproc", "rlimit_stack_mib", "max_payload_mib"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")

@@ -1,0 +1,395 @@
+"""The zygote: a preloaded interpreter that forks one confined run at a time.
+
+It serves a unix SOCK_SEQPACKET socket. Per run it receives limits and four descriptors
+(payload, stdin, stdout, stderr), hands them to a run init it prepared beforehand, enforces
+the wall-time and run-wide CPU limits from outside, and reports how the run ended. It never
+reads a run's program, input or output, and it holds no secrets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import importlib
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from stockade import protocol
+from stockade.limits import LimitError, Limits
+from stockade.result import Outcome
+from stockade.sandbox import confine, run, seccomp
+from stockade.sandbox.cgroups import CgroupDriver, CgroupError, RunCgroup
+from stockade.sandbox.config import SandboxConfig
+
+CPU_POLL_S = 0.01  # how often the run-wide CPU time is checked while a run is live
+KILL_GRACE_S = 5.0  # how long a killed run may take to disappear before it is an error
+SINGLE_THREADED_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+                       "MKL_NUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1"}
+BASE_RO_PATHS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+
+
+def log(message: str) -> None:
+    print(f"stockade-zygote[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
+
+
+def read_only_paths(extra: list[str]) -> tuple[str, ...]:
+    """Host paths a run sees read-only: the system, this interpreter and its packages."""
+    wanted = [*BASE_RO_PATHS, sys.prefix, *sys.path, *extra]
+    paths = sorted({os.path.normpath(p) for p in wanted
+                    if p.startswith("/") and os.path.lexists(p)})
+    cover: list[str] = []
+    for path in paths:
+        if not any(path == c or path.startswith(c.rstrip("/") + "/") for c in cover):
+            cover.append(path)
+    return tuple(cover)
+
+
+@dataclass
+class Embryo:
+    """A run's init, namespaces and root ready, waiting for its program."""
+
+    pid: int
+    pidfd: int
+    channel: socket.socket  # from init: how the run ended
+    go: socket.socket  # to the waiting worker: limits and descriptors
+    cgroup: RunCgroup
+
+
+class Zygote:
+    def __init__(self, config: SandboxConfig) -> None:
+        if os.geteuid() != 0:
+            raise PermissionError("the zygote must run as root (root in a user namespace will do)")
+        self.config = config
+        state = Path(config.state_dir)
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (state / "root").mkdir(mode=0o700, exist_ok=True)
+        self.cgroups = CgroupDriver(config.cgroup_parent)
+        self.cgroups.prepare()
+        self.cgroups.sweep(f"{config.name}-")
+        program = seccomp.build_program()
+        self.plan = run.RunPlan(
+            root=confine.RootPlan(
+                mount_point=str(state / "root"), ro_paths=read_only_paths(config.extra_ro_paths),
+                run_uid=config.run_uid, run_gid=config.run_gid,
+                workdir_size_mib=config.workdir_size_mib, tmp_size_mib=config.tmp_size_mib,
+                shm_size_mib=config.shm_size_mib),
+            namespaces=confine.namespace_flags(config.isolate_network),
+            seccomp_program=program,
+            seccomp_buffer=ctypes.create_string_buffer(program, len(program)),
+            rlimit_nofile=config.rlimit_nofile, rlimit_nproc=config.rlimit_nproc,
+            rlimit_stack_mib=config.rlimit_stack_mib,
+            max_payload_bytes=config.max_payload_mib << 20,
+            limit_ceiling=config.limits.maximum,
+        )
+        self.pid_ns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        self.sequence = 0
+        self.embryo: Embryo | None = None
+        self.active: Embryo | None = None
+        self.busy_cgroups: list[RunCgroup] = []
+
+    def preload(self) -> None:
+        """Import what runs need once, then freeze it so forks share it untouched."""
+        for name in self.config.preload:
+            importlib.import_module(name)
+        threads = len(os.listdir("/proc/self/task"))
+        if threads != 1:
+            raise RuntimeError(f"preloading started {threads - 1} threads; a zygote must be "
+                               "single-threaded to fork safely")
+        gc.collect()
+        gc.freeze()
+
+    # -- serving -------------------------------------------------------------------------
+
+    def serve(self, listener: socket.socket) -> None:
+        while True:
+            self._prewarm()
+            conn, _ = listener.accept()
+            with conn:
+                self._serve_connection(conn)
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        while True:
+            self._prewarm()
+            try:
+                raw, fds = protocol.receive(conn, max_fds=len(protocol.START_FDS))
+            except protocol.ProtocolError as exc:
+                protocol.send(conn, protocol.Report(Outcome(error=str(exc))))
+                continue
+            except OSError:
+                return
+            if not raw:
+                return
+            try:
+                outcome = self._handle(conn, raw, fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            if outcome is None:
+                continue
+            try:
+                protocol.send(conn, protocol.Report(outcome))
+            except OSError:
+                return
+            finally:
+                self._release_finished()
+
+    def _handle(self, conn: socket.socket, raw: bytes, fds: list[int]) -> Outcome | None:
+        try:
+            message = protocol.decode_client(raw)
+        except protocol.ProtocolError as exc:
+            return Outcome(error=str(exc))
+        if isinstance(message, protocol.Cancel):
+            return None  # nothing is running: nothing to cancel
+        if len(fds) != len(protocol.START_FDS):
+            return Outcome(error=f"a run needs {len(protocol.START_FDS)} descriptors "
+                           f"({', '.join(protocol.START_FDS)}), got {len(fds)}")
+        try:
+            limits = self.config.limits.resolve(msgspec.structs.asdict(message.limits))
+        except LimitError as exc:
+            return Outcome(error=f"limits refused by the zygote: {exc.message}")
+        return self._run(conn, limits, fds)
+
+    # -- one run -------------------------------------------------------------------------
+
+    def _run(self, conn: socket.socket, limits: Limits, fds: list[int]) -> Outcome:
+        embryo = self.embryo or self._spawn()
+        self.embryo, self.active = None, embryo
+        try:
+            embryo.cgroup.set_memory_limit(limits.memory_mib << 20)
+            embryo.cgroup.set_pids_limit(limits.processes + 1)  # +1: the run's init
+            embryo.cgroup.begin()
+        except (CgroupError, OSError) as exc:
+            self._kill(embryo)
+            return Outcome(error=f"cannot apply cgroup limits: {exc}")
+        started = time.monotonic()
+        with contextlib.suppress(OSError):  # a dead init reports why on its channel
+            protocol.send(embryo.go, protocol.Go(limits), fds)
+        return self._supervise(conn, embryo, limits, started)
+
+    def _supervise(self, conn: socket.socket, embryo: Embryo, limits: Limits,
+                   started: float) -> Outcome:
+        deadline = started + limits.wall_time_s
+        killed_for: str | None = None
+        killed_at = 0.0
+        report: protocol.InitReport | None = None
+        with selectors.DefaultSelector() as sel:
+            sel.register(embryo.channel, selectors.EVENT_READ, "init")
+            sel.register(conn, selectors.EVENT_READ, "client")
+            ended = False
+            while not ended:
+                now = time.monotonic()
+                if killed_for is None:
+                    reason = self._over_limit(embryo, limits, now, deadline)
+                    if reason:
+                        killed_for, killed_at = reason, now
+                        self._kill(embryo)
+                elif now - killed_at > KILL_GRACE_S:
+                    return Outcome(error="the run did not end after SIGKILL")
+                timeout = max(0.0, min(CPU_POLL_S, deadline - now)) if killed_for is None \
+                    else KILL_GRACE_S
+                for key, _ in sel.select(timeout):
+                    if key.data == "init":
+                        ended = True
+                        report = self._read_init(embryo)
+                    elif killed_for is None:
+                        reason = self._read_cancel(conn, sel)
+                        if reason:
+                            killed_for, killed_at = reason, time.monotonic()
+                            self._kill(embryo)
+        wall = time.monotonic() - started
+        # A run that ended by itself is answered at once and its init reaped after the reply;
+        # a killed one is reaped first, so its figures include every process it had.
+        if (report is None or killed_for is not None) and not self._reap(embryo):
+            return Outcome(error="the run's init could not be reaped", wall_time_s=wall)
+        return self._outcome(embryo.cgroup, report, killed_for, wall)
+
+    def _over_limit(self, embryo: Embryo, limits: Limits, now: float,
+                    deadline: float) -> str | None:
+        if now >= deadline:
+            return "wall_time"
+        if embryo.cgroup.run_cpu_time_s() > limits.cpu_time_s:
+            return "cpu_time"
+        return None
+
+    def _read_init(self, embryo: Embryo) -> protocol.InitReport | None:
+        try:
+            raw, _ = protocol.receive(embryo.channel)
+            return protocol.decode_init(raw) if raw else None
+        except (OSError, protocol.ProtocolError) as exc:
+            return protocol.InitReport(error=f"unreadable report from the run's init: {exc}")
+
+    def _read_cancel(self, conn: socket.socket, sel: selectors.BaseSelector) -> str | None:
+        try:
+            raw, _ = protocol.receive(conn)
+            message = protocol.decode_client(raw) if raw else None
+        except (OSError, protocol.ProtocolError):
+            message = None
+            raw = b""
+        if not raw:
+            sel.unregister(conn)  # the client is gone: nobody wants this run any more
+            return "cancelled"
+        if isinstance(message, protocol.Cancel):
+            return "output" if message.reason == "output_limit" else "cancelled"
+        return None
+
+    def _outcome(self, cgroup: RunCgroup, report: protocol.InitReport | None,
+                 killed_for: str | None, wall: float) -> Outcome:
+        stats = {"wall_time_s": round(wall, 6), "killed_for": killed_for}
+        try:
+            stats |= {"cpu_time_s": round(cgroup.run_cpu_time_s(), 6),
+                      "memory_peak_kib": cgroup.memory_peak_kib(),
+                      "oom_killed": cgroup.oom_killed()}
+        except (OSError, ValueError, CgroupError) as exc:
+            return Outcome(error=f"cannot read the run's cgroup: {exc}", **stats)  # type: ignore[arg-type]
+        if report is not None and report.error is not None:
+            return Outcome(error=report.error, **stats)  # type: ignore[arg-type]
+        if report is not None and report.wait_status is not None:
+            status = report.wait_status
+            if os.WIFEXITED(status):
+                return Outcome(exit_code=os.WEXITSTATUS(status), **stats)  # type: ignore[arg-type]
+            return Outcome(signal=os.WTERMSIG(status), **stats)  # type: ignore[arg-type]
+        if killed_for is not None:
+            return Outcome(signal=signal.SIGKILL, **stats)  # type: ignore[arg-type]
+        if stats.get("oom_killed"):  # the OOM killer may pick the init itself
+            return Outcome(signal=signal.SIGKILL, **stats)  # type: ignore[arg-type]
+        return Outcome(error="the run's init died without a report", **stats)  # type: ignore[arg-type]
+
+    # -- run inits -----------------------------------------------------------------------
+
+    def _spawn(self) -> Embryo:
+        self.sequence += 1
+        cgroup = self.cgroups.create(f"{self.config.name}-{self.sequence}")
+        channel, init_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        go, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        procs = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in cgroup.procs_paths]
+        try:
+            confine.enter_new_pid_namespace_for_children(self.pid_ns_fd)
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    run.init_main(init_end, worker_end, procs, self.plan)
+                finally:
+                    os._exit(1)
+        finally:
+            for fd in procs:
+                os.close(fd)
+            init_end.close()
+            worker_end.close()
+        return Embryo(pid, os.pidfd_open(pid), channel, go, cgroup)
+
+    def _prewarm(self) -> None:
+        if self.embryo is None:
+            try:
+                self.embryo = self._spawn()
+            except (OSError, CgroupError) as exc:
+                log(f"cannot prepare a run: {exc}")  # the next request retries, and reports
+
+    def _kill(self, embryo: Embryo) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(embryo.pidfd, signal.SIGKILL)
+
+    def _reap(self, embryo: Embryo, timeout_s: float = KILL_GRACE_S) -> bool:
+        with selectors.DefaultSelector() as sel:
+            sel.register(embryo.pidfd, selectors.EVENT_READ)
+            if not sel.select(timeout_s):
+                self._kill(embryo)
+                if not sel.select(timeout_s):
+                    return False
+        with contextlib.suppress(ChildProcessError):  # already reaped
+            os.waitpid(embryo.pid, 0)
+        return True
+
+    def _release_finished(self) -> None:
+        """After the report is sent: drop the finished run's init and cgroup."""
+        embryo, self.active = self.active, None
+        if embryo is not None:
+            with contextlib.suppress(ChildProcessError):
+                self._reap(embryo)
+            embryo.channel.close()
+            embryo.go.close()
+            os.close(embryo.pidfd)
+            self.busy_cgroups.append(embryo.cgroup)
+        self.busy_cgroups = [cg for cg in self.busy_cgroups if not cg.remove(timeout_s=0.05)]
+
+    def close(self) -> None:
+        """Kill whatever is prepared or running and remove every cgroup it used."""
+        for embryo in (self.embryo, self.active):
+            if embryo is None:
+                continue
+            self._kill(embryo)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(embryo.pid, 0)
+            embryo.channel.close()
+            embryo.go.close()
+            os.close(embryo.pidfd)
+            self.busy_cgroups.append(embryo.cgroup)
+        self.embryo = self.active = None
+        for cgroup in self.busy_cgroups:
+            if not cgroup.remove(timeout_s=2.0):
+                log(f"cgroup still busy at exit: {list(cgroup.dirs.values())}")
+        self.busy_cgroups = []
+        with contextlib.suppress(OSError):
+            (Path(self.config.state_dir) / "root").rmdir()
+
+
+def listen(config: SandboxConfig) -> socket.socket:
+    path = Path(config.socket_path)
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    os.chown(path, config.socket_owner_uid, config.socket_owner_gid)
+    os.chmod(path, 0o660)
+    listener.listen(8)
+    return listener
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stockade-zygote")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--config", help="path of a JSON SandboxConfig")
+    group.add_argument("--config-json", help="a JSON SandboxConfig")
+    args = parser.parse_args(argv)
+    raw = Path(args.config).read_bytes() if args.config else args.config_json.encode()
+    try:
+        config = msgspec.json.decode(raw, type=SandboxConfig)
+    except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+        print(f"stockade-zygote: invalid config: {exc}", file=sys.stderr)
+        return 2
+    os.environ.update(SINGLE_THREADED_ENV)
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
+    zygote = Zygote(config)
+    try:
+        zygote.preload()
+        listener = listen(config)
+        print("ready", flush=True)
+        zygote.serve(listener)
+    finally:
+        zygote.close()
+        with contextlib.suppress(FileNotFoundError):
+            Path(config.socket_path).unlink()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
