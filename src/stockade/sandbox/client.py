@@ -86,8 +86,11 @@ def internal_error(message: str) -> Result:
 def run(sock: socket.socket, job: Job, limits: Limits) -> Result:
     """Run `job` on the zygote behind `sock` (one run at a time per socket)."""
     payload = protocol.encode_payload(protocol.Payload(job.code, job.args, job.files))
-    out_r, out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    err_r, err_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    # Only our ends are non-blocking: a program's writes block on a full pipe, as usual.
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    for fd in (out_r, err_r):
+        os.set_blocking(fd, False)
     sent = [out_w, err_w]
     try:
         sent += [sealed_memfd("payload", payload), sealed_memfd("stdin", job.stdin)]

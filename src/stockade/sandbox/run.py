@@ -137,7 +137,8 @@ def worker_main(go: socket.socket, err_w: int, plan: RunPlan) -> None:
         payload_fd, stdin_fd, stdout_fd, stderr_fd = (_lift(fd) for fd in fds)
         for target, fd in ((0, stdin_fd), (1, stdout_fd), (2, stderr_fd)):
             os.dup2(fd, target)
-        confine.close_inherited_fds({0, 1, 2, payload_fd, err_w})
+            os.close(fd)
+        go.close()  # everything else was closed by the "fds" step
         step = "payload"
         payload = _read_payload(payload_fd, plan.max_payload_bytes)
         os.close(payload_fd)

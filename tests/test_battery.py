@@ -1,0 +1,24 @@
+"""Every hostile probe, against a normal zygote: each gets its exact status or error."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from battery import BATTERY, Context, Probe, host_context
+from conftest import Sandbox
+
+
+@pytest.fixture(scope="module")
+def ctx() -> Iterator[Context]:
+    with host_context() as context:
+        yield context
+
+
+@pytest.mark.parametrize("probe", BATTERY, ids=[p.name for p in BATTERY])
+def test_probe_is_contained(sandbox: Sandbox, ctx: Context, probe: Probe) -> None:
+    result = sandbox.run(probe.source(ctx), **probe.limits)
+    probe.check(result, ctx)
+    # Whatever the probe did, the zygote still serves a clean run next.
+    assert sandbox.run("print('next')").stdout == "next\n"
