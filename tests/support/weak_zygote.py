@@ -23,9 +23,10 @@ def _nothing(*_args: Any, **_kwargs: Any) -> None:
     return None
 
 
-def _host_workdir(_plan: confine.RootPlan) -> None:
-    # No private root: the run works in a host directory and sees the host's files.
-    path = tempfile.mkdtemp(prefix="stockade-weak-box-")
+def _host_workdir(plan: confine.RootPlan) -> None:
+    # No private root: the run works in a host directory (inside the zygote's state
+    # directory, which the test removes) and sees the host's files.
+    path = tempfile.mkdtemp(prefix="box-", dir=os.path.dirname(plan.mount_point))
     os.chmod(path, 0o777)  # noqa: S103 - the point of this weakened zygote
     os.chdir(path)
 

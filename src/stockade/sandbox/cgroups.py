@@ -193,15 +193,20 @@ class CgroupDriver:
                 raise CgroupError(f"cannot create cgroup {directory}: {exc.strerror}") from None
         return RunCgroup(self.version, dirs)
 
-    def sweep(self, prefix: str) -> int:
-        """Remove empty leftover run cgroups whose names start with `prefix`."""
-        removed = 0
-        for root in dict.fromkeys(self.roots.values()):
-            if not root.is_dir():
-                continue
-            for child in root.iterdir():
-                if child.is_dir() and child.name.startswith(prefix):
-                    with contextlib.suppress(OSError):
-                        child.rmdir()
-                        removed += 1
-        return removed
+    def sweep(self, prefix: str, timeout_s: float = 0.0) -> list[str]:
+        """Remove leftover run cgroups named `prefix`*; return those still busy."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            busy = []
+            for root in dict.fromkeys(self.roots.values()):
+                if not root.is_dir():
+                    continue
+                for child in root.iterdir():
+                    if child.is_dir() and child.name.startswith(prefix):
+                        try:
+                            child.rmdir()
+                        except OSError:
+                            busy.append(str(child))
+            if not busy or time.monotonic() >= deadline:
+                return busy
+            time.sleep(0.01)

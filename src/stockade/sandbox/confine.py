@@ -112,14 +112,15 @@ def build_private_root(plan: RootPlan) -> None:
     root = plan.mount_point
     libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
     libc.mount("tmpfs", root, "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, "mode=0755,size=256k")
-    for path in plan.ro_paths:
-        _mirror_read_only(root, path)
     os.makedirs(root + "/proc")
     libc.mount("proc", root + "/proc", "proc", _PRIVATE_TMPFS)
     _populate_dev(root, plan.shm_size_mib)
     _tmpfs(root + "/tmp", f"mode=1777,size={plan.tmp_size_mib}m")
     _tmpfs(root + WORKDIR, f"mode=0755,uid={plan.run_uid},gid={plan.run_gid},"
            f"size={plan.workdir_size_mib}m")
+    # Binds last: an interpreter installed under /tmp must not be hidden by the run's /tmp.
+    for path in plan.ro_paths:
+        _mirror_read_only(root, path)
     os.chdir(root)
     libc.pivot_root(".", ".")
     libc.umount2(".", libc.MNT_DETACH)  # the old root, stacked on top by pivot_root

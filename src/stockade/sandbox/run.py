@@ -51,6 +51,7 @@ class RunPlan:
 def _reset_signals() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])  # the zygote forks with some blocked
 
 
 def init_main(channel: socket.socket, go: socket.socket, cgroup_procs: list[int],

@@ -35,6 +35,7 @@ CPU_POLL_S = 0.01  # how often the run-wide CPU time is checked while a run is l
 KILL_GRACE_S = 5.0  # how long a killed run may take to disappear before it is an error
 SINGLE_THREADED_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
                        "MKL_NUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1"}
+SHUTDOWN_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 BASE_RO_PATHS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 
 
@@ -96,6 +97,7 @@ class Zygote:
         self.embryo: Embryo | None = None
         self.active: Embryo | None = None
         self.busy_cgroups: list[RunCgroup] = []
+        self.inits: set[int] = set()  # every init forked and not yet reaped
 
     def preload(self) -> None:
         """Import what runs need once, then freeze it so forks share it untouched."""
@@ -272,6 +274,9 @@ class Zygote:
         channel, init_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         go, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         procs = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in cgroup.procs_paths]
+        # A shutdown signal raised inside fork's at-fork handlers would be swallowed by
+        # Python; keep it pending until the fork is done.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
         try:
             confine.enter_new_pid_namespace_for_children(self.pid_ns_fd)
             pid = os.fork()
@@ -280,7 +285,9 @@ class Zygote:
                     run.init_main(init_end, worker_end, procs, self.plan)
                 finally:
                     os._exit(1)
+            self.inits.add(pid)  # recorded before a pending shutdown signal can strike
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             for fd in procs:
                 os.close(fd)
             init_end.close()
@@ -307,11 +314,13 @@ class Zygote:
                     return False
         with contextlib.suppress(ChildProcessError):  # already reaped
             os.waitpid(embryo.pid, 0)
+        self.inits.discard(embryo.pid)
         return True
 
     def _release_finished(self) -> None:
         """After the report is sent: drop the finished run's init and cgroup."""
         embryo, self.active = self.active, None
+        self._prewarm()  # the next run's setup overlaps this reap on another core
         if embryo is not None:
             with contextlib.suppress(ChildProcessError):
                 self._reap(embryo)
@@ -322,22 +331,25 @@ class Zygote:
         self.busy_cgroups = [cg for cg in self.busy_cgroups if not cg.remove(timeout_s=0.05)]
 
     def close(self) -> None:
-        """Kill whatever is prepared or running and remove every cgroup it used."""
-        for embryo in (self.embryo, self.active):
-            if embryo is None:
-                continue
-            self._kill(embryo)
+        """Kill every run init this zygote forked and remove every cgroup it created."""
+        for pid in self.inits:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in self.inits:
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(embryo.pid, 0)
-            embryo.channel.close()
-            embryo.go.close()
-            os.close(embryo.pidfd)
-            self.busy_cgroups.append(embryo.cgroup)
+                os.waitpid(pid, 0)
+        self.inits.clear()
+        for embryo in (self.embryo, self.active):
+            if embryo is not None:
+                embryo.channel.close()
+                embryo.go.close()
+                os.close(embryo.pidfd)
         self.embryo = self.active = None
-        for cgroup in self.busy_cgroups:
-            if not cgroup.remove(timeout_s=2.0):
-                log(f"cgroup still busy at exit: {list(cgroup.dirs.values())}")
         self.busy_cgroups = []
+        # By prefix, so nothing a signal interrupted half-way is left behind.
+        left = self.cgroups.sweep(f"{self.config.name}-", timeout_s=2.0)
+        if left:
+            log(f"cgroups still busy at exit: {left}")
         with contextlib.suppress(OSError):
             (Path(self.config.state_dir) / "root").rmdir()
 
@@ -376,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stockade-zygote: invalid config: {exc}", file=sys.stderr)
         return 2
     os.environ.update(SINGLE_THREADED_ENV)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, _terminate)
+    for signum in SHUTDOWN_SIGNALS:
+        signal.signal(signum, _terminate)
     zygote = Zygote(config)
     try:
         zygote.preload()

@@ -1,0 +1,60 @@
+"""`stockade exec`: exit codes, one-line errors, one JSON record."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+STOCKADE = [sys.executable, "-m", "stockade"]
+
+
+def stockade(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*STOCKADE, *args], input=stdin, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def program(tmp_path: Path) -> Path:
+    path = tmp_path / "prog.py"
+    path.write_text("import sys\ndata = sys.stdin.read()\nprint(data.upper())\n"
+                    "sys.exit(int(data.strip() == 'fail'))\n")
+    return path
+
+
+def test_exec_json_prints_exactly_one_record(program: Path) -> None:
+    done = stockade("exec", "--json", "--memory", "64", str(program), stdin=b"hi")
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert record["status"] == "ok" and record["stdout"] == "HI\n"
+    assert done.stdout.decode().count("\n") == 1
+
+
+def test_exec_passes_program_output_through(program: Path) -> None:
+    done = stockade("exec", str(program), stdin=b"fail")
+    assert done.returncode == 1
+    assert done.stdout == b"FAIL\n"
+    assert done.stderr == b"stockade: runtime_error: exited with code 1\n"
+
+
+def test_exec_limit_hit_exits_1(tmp_path: Path) -> None:
+    path = tmp_path / "spin.py"
+    path.write_text("while True: pass\n")
+    done = stockade("exec", "--json", "--cpu-time", "0.2", str(path))
+    assert done.returncode == 1 and json.loads(done.stdout)["status"] == "time_limit"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["exec", "/nonexistent.py"], "cannot read /nonexistent.py"),
+    (["exec", "--memory", "999999", "PROGRAM"], "memory_mib=999999MiB is outside"),
+    (["exec", "--cpu-time", "abc", "PROGRAM"], "invalid float value"),
+    (["exec", "--bogus", "PROGRAM"], "unrecognized arguments"),
+    ([], "required"),
+])
+def test_usage_errors_are_one_line_exit_2(program: Path, args: list[str], message: str) -> None:
+    done = stockade(*[str(program) if a == "PROGRAM" else a for a in args])
+    assert done.returncode == 2
+    lines = done.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stockade: ") and message in lines[0], lines

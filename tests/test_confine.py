@@ -1,0 +1,137 @@
+"""Each confinement step, alone, in a real forked child: it guarantees what its name says."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import resource
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from stockade.limits import Limits
+from stockade.sandbox import confine, libc, seccomp
+from stockade.sandbox.config import RUN_ENVIRONMENT
+
+REPORT_FD: list[int] = []  # the child's report pipe, for bodies that close descriptors
+
+
+def in_child(body: Callable[[], Any]) -> Any:
+    """Run `body` in a forked child and return what it returned (JSON), or raise its error."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        REPORT_FD[:] = [w]
+        try:
+            os.close(r)
+            out = json.dumps({"value": body()})
+        except BaseException:
+            out = json.dumps({"error": traceback.format_exc()})
+        os.write(w, out.encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        data = json.loads(f.read())
+    os.waitpid(pid, 0)
+    assert "error" not in data, data.get("error")
+    return data["value"]
+
+
+def status() -> dict[str, str]:
+    lines = open("/proc/self/status").read().splitlines()
+    return {k: v.strip() for k, v in (line.split(":", 1) for line in lines)}
+
+
+def test_drop_identity() -> None:
+    def body() -> Any:
+        confine.drop_identity(61234, 61235)
+        return [os.getresuid(), os.getresgid(), os.getgroups()]
+    assert in_child(body) == [[61234] * 3, [61235] * 3, []]
+
+
+def test_lock_securebits() -> None:
+    def body() -> Any:
+        confine.lock_securebits()
+        return libc.prctl(libc.PR_GET_SECUREBITS)
+    assert in_child(body) == confine.SECUREBITS_LOCKED
+
+
+def test_drop_capabilities_empties_every_set() -> None:
+    def body() -> Any:
+        confine.drop_capabilities()
+        s = status()
+        return {k: int(s[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
+    assert set(in_child(body).values()) == {0}
+
+
+def test_drop_capabilities_reads_cap_last_cap() -> None:
+    assert confine.last_capability() == int(open("/proc/sys/kernel/cap_last_cap").read())
+
+
+def test_set_no_new_privs() -> None:
+    def body() -> Any:
+        confine.set_no_new_privs()
+        return status()["NoNewPrivs"]
+    assert in_child(body) == "1"
+
+
+def test_load_seccomp_filter_refuses_with_eperm() -> None:
+    program = seccomp.build_program()
+    buffer = ctypes.create_string_buffer(program, len(program))
+
+    def body() -> Any:
+        confine.set_no_new_privs()
+        confine.load_seccomp_filter(program, buffer)
+        libc_ = ctypes.CDLL(None, use_errno=True)
+        rc = libc_.syscall(ctypes.c_long(101), 0, 0, 0, 0)  # ptrace
+        return [status()["Seccomp"], rc, ctypes.get_errno(), os.getpid() > 0]
+    assert in_child(body) == ["2", -1, errno.EPERM, True]
+
+
+def test_apply_rlimits() -> None:
+    def body() -> Any:
+        confine.apply_rlimits(Limits(cpu_time_s=0.3, file_size_kib=7), 32, 40, 4)
+        return [resource.getrlimit(r) for r in (
+            resource.RLIMIT_CPU, resource.RLIMIT_FSIZE, resource.RLIMIT_NOFILE,
+            resource.RLIMIT_NPROC, resource.RLIMIT_STACK, resource.RLIMIT_CORE)]
+    assert in_child(body) == [[1, 2], [7168, 7168], [32, 32], [40, 40], [4 << 20] * 2, [0, 0]]
+
+
+def test_close_inherited_fds_keeps_only_what_is_asked() -> None:
+    def body() -> Any:
+        keep = os.open("/dev/null", os.O_RDONLY)
+        os.open("/dev/null", os.O_RDONLY)
+        confine.close_inherited_fds({0, 1, 2, keep, *REPORT_FD})
+        left = {int(fd) for fd in os.listdir("/proc/self/fd")} - {keep, *REPORT_FD}
+        return sorted(left)
+    # 0-2 and listdir's own descriptor (the highest) remain; the unkept one is gone.
+    value = in_child(body)
+    assert value[:3] == [0, 1, 2] and len(value) == 4
+
+
+def test_reset_environment() -> None:
+    def body() -> Any:
+        os.environ["SECRET_TOKEN"] = "hunter2"
+        confine.reset_environment()
+        return [dict(os.environ), b"hunter2" in open("/proc/self/environ", "rb").read()]
+    os.environ["STOCKADE_TEST_PARENT_SECRET"] = "x"
+    try:
+        environ, leaked = in_child(body)
+    finally:
+        del os.environ["STOCKADE_TEST_PARENT_SECRET"]
+    assert environ == RUN_ENVIRONMENT and not leaked
+
+
+def test_seccomp_program_is_default_deny_for_unknown_numbers() -> None:
+    program = seccomp.build_program()
+    buffer = ctypes.create_string_buffer(program, len(program))
+
+    def body() -> Any:
+        confine.set_no_new_privs()
+        confine.load_seccomp_filter(program, buffer)
+        libc_ = ctypes.CDLL(None, use_errno=True)
+        rc = libc_.syscall(ctypes.c_long(460))  # a number beyond every allowed call
+        return [rc, ctypes.get_errno()]
+    assert in_child(body) == [-1, errno.EPERM]
