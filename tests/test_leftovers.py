@@ -8,7 +8,7 @@ import os
 import signal
 from pathlib import Path
 
-from conftest import Sandbox
+from conftest import Sandbox, make_config
 
 PLANT = """
 import os, time
@@ -68,7 +68,6 @@ def test_nothing_survives_a_run(sandbox: Sandbox) -> None:
 
 
 def test_stopping_a_zygote_mid_stream_leaves_no_cgroup_or_process(tmp_path: Path) -> None:
-    from conftest import Sandbox, make_config
     box = Sandbox(make_config(str(tmp_path), "leakcheck"))
     assert box.run("print(1)").status == "ok"  # a finished run and a prepared next one
     box.close()  # SIGTERM while the next run is being prepared
