@@ -77,7 +77,8 @@ def test_set_no_new_privs() -> None:
     assert in_child(body) == "1"
 
 
-def test_load_seccomp_filter_refuses_with_eperm() -> None:
+def syscall_under_seccomp(*args: int) -> Any:
+    """In a child under the real filter: [Seccomp status, syscall result, errno]."""
     program = seccomp.build_program()
     buffer = ctypes.create_string_buffer(program, len(program))
 
@@ -85,9 +86,18 @@ def test_load_seccomp_filter_refuses_with_eperm() -> None:
         confine.set_no_new_privs()
         confine.load_seccomp_filter(program, buffer)
         libc_ = ctypes.CDLL(None, use_errno=True)
-        rc = libc_.syscall(ctypes.c_long(101), 0, 0, 0, 0)  # ptrace
-        return [status()["Seccomp"], rc, ctypes.get_errno(), os.getpid() > 0]
-    assert in_child(body) == ["2", -1, errno.EPERM, True]
+        rc = libc_.syscall(*(ctypes.c_long(a) for a in args))
+        return [status()["Seccomp"], rc, ctypes.get_errno()]
+    return in_child(body)
+
+
+def test_load_seccomp_filter_refuses_with_eperm() -> None:
+    assert syscall_under_seccomp(101, 0, 0, 0, 0) == ["2", -1, errno.EPERM]  # ptrace
+
+
+def test_seccomp_program_is_default_deny_for_unknown_numbers() -> None:
+    # A number beyond every allowed call.
+    assert syscall_under_seccomp(460) == ["2", -1, errno.EPERM]
 
 
 def test_apply_rlimits() -> None:
@@ -122,16 +132,3 @@ def test_reset_environment() -> None:
     finally:
         del os.environ["STOCKADE_TEST_PARENT_SECRET"]
     assert environ == RUN_ENVIRONMENT and not leaked
-
-
-def test_seccomp_program_is_default_deny_for_unknown_numbers() -> None:
-    program = seccomp.build_program()
-    buffer = ctypes.create_string_buffer(program, len(program))
-
-    def body() -> Any:
-        confine.set_no_new_privs()
-        confine.load_seccomp_filter(program, buffer)
-        libc_ = ctypes.CDLL(None, use_errno=True)
-        rc = libc_.syscall(ctypes.c_long(460))  # a number beyond every allowed call
-        return [rc, ctypes.get_errno()]
-    assert in_child(body) == [-1, errno.EPERM]
