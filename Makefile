@@ -12,7 +12,7 @@ help: ## List the targets.
 
 $(BIN)/stockade: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,preload]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,preload,runner]'
 	@touch $@
 
 install: $(BIN)/stockade ## Create .venv with stockade, numpy/pandas preloads and dev tools.

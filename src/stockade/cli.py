@@ -1,5 +1,5 @@
 """`stockade` command line. Exit status: 0 ok, 1 the program failed or hit a limit,
-2 usage error, 3 stockade itself failed."""
+2 usage error, 3 stockade itself failed (or the runner could not be reached)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ import msgspec
 
 from stockade.limits import LimitError, LimitPolicy
 from stockade.result import Result, Status
+from stockade.runner import config as runner_config
+from stockade.runner.config import DEFAULT_CONFIG_PATH as DEFAULT_CONFIG
+from stockade.runner.config import RunnerConfig
 from stockade.sandbox.client import Job, run
 from stockade.sandbox.config import SandboxConfig
 from stockade.sandbox.launcher import ZygoteError, ZygoteProcess
@@ -51,6 +54,29 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--preload", default="", metavar="MODULES",
                     help="comma-separated modules to import before forking (e.g. numpy,pandas)")
     ex.add_argument("--uid", type=int, default=61000, help="unprivileged uid the run uses")
+
+    sv = sub.add_parser("serve", help="serve the HTTP API with a warm container pool (root)")
+    sv.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:8080")
+    sv.add_argument("--config", metavar="FILE", help=f"JSON config (default {DEFAULT_CONFIG})")
+
+    rn = sub.add_parser("run", help="run FILE on a stockade runner over HTTP")
+    rn.add_argument("file", metavar="FILE", help="Python program to run")
+    rn.add_argument("--stdin", metavar="F", help="file whose content is the program's stdin")
+    for flag, dest, kind, metavar, text in LIMIT_FLAGS:
+        rn.add_argument(flag, dest=dest, type=kind, metavar=metavar, help=text)
+    rn.add_argument("--json", action="store_true", help="print one result record as JSON")
+    rn.add_argument("--url", default="http://127.0.0.1:8080", help="the runner's base URL")
+
+    im = sub.add_parser("images", help="manage the sandbox container image (root)")
+    im_sub = im.add_subparsers(dest="images_command", required=True, parser_class=_Parser)
+    build = im_sub.add_parser("build", help="build the image unless it is current")
+    build.add_argument("--force", action="store_true", help="rebuild even if current")
+    build.add_argument("--config", metavar="FILE", help=f"JSON config (default {DEFAULT_CONFIG})")
+
+    ng = sub.add_parser("nginx-config", help="print the nginx site config for a runner")
+    ng.add_argument("--listen", default="80", help="nginx listen directive value (default 80)")
+    ng.add_argument("--upstream", default="127.0.0.1:8080", help="the runner's HOST:PORT")
+    ng.add_argument("--config", metavar="FILE", help=f"JSON config (default {DEFAULT_CONFIG})")
     return parser
 
 
@@ -117,12 +143,81 @@ def cmd_exec(args: argparse.Namespace) -> int:
     return exit_status(result)
 
 
+def _runner_config(path: str | None, listen: str | None = None) -> RunnerConfig:
+    try:
+        config = runner_config.load(path)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if listen is None:
+        return config
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--listen wants HOST:PORT, got {listen!r}")
+    return msgspec.structs.replace(config, host=host.strip("[]"), port=int(port))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from stockade.runner import service  # noqa: PLC0415 - needs the runner extra
+
+    config = _runner_config(args.config, args.listen)
+    try:
+        return service.serve(config)
+    except service.ServiceError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from stockade.runner import images  # noqa: PLC0415 - needs the runner extra
+
+    config = _runner_config(args.config)
+    if os.geteuid() != 0:
+        raise UsageError("images build needs root: it creates and shifts a container rootfs")
+    try:
+        built = images.build(config, force=args.force)
+    except images.ImageError as exc:
+        print(f"stockade: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
+    if not built:
+        print(f"stockade: image {config.image} is current", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_nginx_config(args: argparse.Namespace) -> int:
+    from stockade.runner import nginx  # noqa: PLC0415 - keeps `exec` light
+
+    config = _runner_config(args.config)
+    sys.stdout.write(nginx.render(config, listen=args.listen, upstream=args.upstream))
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from stockade.runner import remote  # noqa: PLC0415 - keeps `exec` light
+
+    limits = {dest: getattr(args, dest) for _, dest, *_ in LIMIT_FLAGS
+              if getattr(args, dest) is not None}
+    code = _read_source(args.file)
+    stdin = ""
+    if args.stdin:
+        stdin = _read_source(args.stdin)
+    try:
+        result = remote.run(args.url, code, stdin, limits)
+    except remote.RemoteError as exc:
+        if exc.usage:
+            raise UsageError(str(exc)) from None
+        print(f"stockade: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
+    _print(result, args.json)
+    return exit_status(result)
+
+
+COMMANDS = {"exec": cmd_exec, "serve": cmd_serve, "run": cmd_run, "images": cmd_images,
+            "nginx-config": cmd_nginx_config}
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.command == "exec":
-            return cmd_exec(args)
+        return COMMANDS[args.command](args)
     except UsageError as exc:
         print(f"stockade: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return EXIT_USAGE

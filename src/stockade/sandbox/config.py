@@ -46,6 +46,9 @@ class SandboxConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Unix uid/gid allowed to connect to the socket besides root (the runner's user).
     socket_owner_uid: int = 0
     socket_owner_gid: int = 0
+    # 0o666 only where the socket's directory is the access control (the runner's pool
+    # directory, which only root and the runner's group can enter).
+    socket_mode: int = 0o660
 
     def __post_init__(self) -> None:
         if self.run_uid <= 0 or self.run_gid <= 0:
@@ -54,3 +57,6 @@ class SandboxConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                      "rlimit_nproc", "rlimit_stack_mib", "max_payload_mib"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.socket_mode & ~0o666 or self.socket_mode & 0o600 != 0o600:
+            raise ValueError("socket_mode must allow the owner to read and write, nothing more "
+                             "than 0o666")

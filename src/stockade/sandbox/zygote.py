@@ -366,7 +366,7 @@ def listen(config: SandboxConfig) -> socket.socket:
     finally:
         os.umask(old_umask)
     os.chown(path, config.socket_owner_uid, config.socket_owner_gid)
-    os.chmod(path, 0o660)
+    os.chmod(path, config.socket_mode)
     listener.listen(8)
     return listener
 

@@ -1,0 +1,245 @@
+"""The HTTP front: validate, admit, dispatch to a leased container's zygote, answer.
+
+It runs as the unprivileged runner user. Its only ways out are the pool channel and the
+zygote sockets the pool leases to it; bad input never reaches either, and never gets a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from stockade import protocol
+from stockade.limits import Limits
+from stockade.result import Result, Status
+from stockade.runner import openapi, schema
+from stockade.runner.config import RunnerConfig
+from stockade.runner.control import ChannelError, PoolClient
+from stockade.runner.metrics import Metrics
+from stockade.runner.schema import ApiError
+from stockade.sandbox import client
+
+RETRY_AFTER_S = 1
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def log(message: str) -> None:
+    print(f"stockade-front: {message}", file=sys.stderr, flush=True)
+
+
+def _run_on(socket_path: str, job: client.Job, limits: Limits) -> Result:
+    try:
+        sock = client.connect(socket_path)
+    except OSError as exc:
+        return client.internal_error(f"cannot reach the container's zygote: {exc}")
+    with sock:
+        return client.run(sock, job, limits)
+
+
+class Runs:
+    """Admission control and dispatch: a bounded wait for a container, then its zygote."""
+
+    def __init__(self, config: RunnerConfig, pool: PoolClient, metrics: Metrics) -> None:
+        self.config = config
+        self.pool = pool
+        self.metrics = metrics
+        self.threads = ThreadPoolExecutor(max_workers=config.pool_size,
+                                          thread_name_prefix="run")
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def _saturated(self, reason: str, message: str) -> ApiError:
+        self.metrics.rejected[reason] += 1
+        return ApiError(503, "saturated", message)
+
+    async def execute(self, job: client.Job, limits: Limits) -> Result:
+        if self.metrics.queue_depth >= self.config.queue_limit:
+            raise self._saturated("queue_full", "every container is busy and the wait queue "
+                                  f"({self.config.queue_limit}) is full; retry later")
+        started = time.monotonic()
+        self.metrics.queue_depth += 1
+        try:
+            lease = await asyncio.wait_for(self.pool.acquire(), self.config.queue_timeout_s)
+        except TimeoutError:
+            raise self._saturated("queue_timeout", "no container became free within "
+                                  f"{self.config.queue_timeout_s} s; retry later") from None
+        except ChannelError:
+            raise self._saturated("pool_gone", "the container pool is not running") from None
+        finally:
+            self.metrics.queue_depth -= 1
+        self.metrics.in_flight += 1
+        self.idle.clear()
+        dirty = True
+        try:
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(self.threads, _run_on, lease.socket, job, limits)
+            dirty = result.status != Status.OK
+        finally:
+            self.pool.release(lease.name, dirty)
+            self.metrics.in_flight -= 1
+            if self.metrics.in_flight == 0:
+                self.idle.set()
+        self.metrics.observe_run(result.status, time.monotonic() - started)
+        return result
+
+    async def drain(self, timeout_s: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.idle.wait(), timeout_s)
+        self.threads.shutdown(wait=False)
+        return self.idle.is_set()
+
+
+def _json(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=msgspec.json.encode(value), status=status,
+                        content_type="application/json", headers=headers)
+
+
+HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as the documented error shape (Piston's on Piston's routes)."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        error = exc
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.reason if exc.status != 413 else (
+            f"the body is over the {request.app['config'].max_body_kib} KiB cap")
+        error = ApiError(exc.status, HTTP_ERROR_CODES.get(exc.status, "http_error"), message)
+    except Exception:
+        log(f"internal error on {request.method} {request.path}:\n{traceback.format_exc()}")
+        error = ApiError(500, "internal_error", "stockade failed; the runner's log says why")
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status == 503 else None
+    if request.path.startswith("/api/v2/"):
+        return _json(schema.PistonError(error.message), error.status, headers)
+    detail = schema.ErrorDetail(error.code, error.message, error.field)
+    return _json(schema.ErrorBody(detail), error.status, headers)
+
+
+class Api:
+    def __init__(self, config: RunnerConfig, runs: Runs, pool: PoolClient, metrics: Metrics,
+                 python_version: str) -> None:
+        self.config = config
+        self.runs = runs
+        self.pool = pool
+        self.metrics = metrics
+        self.python_version = python_version
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[errors],
+                              client_max_size=self.config.max_body_kib * 1024)
+        app["config"] = self.config
+        app.add_routes([
+            web.post("/v1/runs", self.post_run),
+            web.get("/v1/languages", self.get_languages),
+            web.get("/healthz", self.healthz),
+            web.get("/readyz", self.readyz),
+            web.get("/metrics", self.get_metrics),
+            web.get("/openapi.json", self.get_openapi),
+            web.get("/api/v2/runtimes", self.piston_runtimes),
+            web.post("/api/v2/execute", self.piston_execute),
+        ])
+        return app
+
+    def _files(self, files: list[tuple[str, str, str]]) -> list[protocol.InputFile]:
+        decoded = [protocol.InputFile(name, schema.file_content(content, encoding,
+                                                                f"files[{i}].content"))
+                   for i, (name, content, encoding) in enumerate(files)]
+        return decoded
+
+    async def post_run(self, request: web.Request) -> web.Response:
+        body = schema.decode(await request.read(), schema.RunRequest)
+        schema.check_language(body.language)
+        files = self._files([(f.name, f.content, f.encoding) for f in body.files])
+        schema.check_files(files, body.args, self.config.max_files,
+                           self.config.max_file_kib * 1024)
+        wanted = msgspec.structs.asdict(body.limits) if body.limits else {}
+        limits = schema.resolve_limits(self.config.limits, wanted)
+        job = client.Job(code=body.code, stdin=body.stdin.encode("utf-8", "surrogatepass"),
+                         args=body.args, files=files)
+        return _json(await self.runs.execute(job, limits))
+
+    def _language(self) -> schema.Language:
+        return schema.Language(name=schema.LANGUAGE, version=self.python_version,
+                               aliases=schema.ALIASES, preloaded=self.config.preload)
+
+    async def get_languages(self, _request: web.Request) -> web.Response:
+        return _json(schema.Languages([self._language()], self.config.limits))
+
+    async def healthz(self, _request: web.Request) -> web.Response:
+        if self.pool.closed.done():
+            raise ApiError(503, "unavailable", "the container pool is not running")
+        return _json({"status": "ok"})
+
+    async def readyz(self, _request: web.Request) -> web.Response:
+        try:
+            stats = await asyncio.wait_for(self.pool.stats(), 2.0)
+        except (TimeoutError, ChannelError):
+            raise ApiError(503, "unavailable", "the container pool does not answer") from None
+        live = stats.idle + stats.leased
+        if not stats.warm or live == 0:
+            raise ApiError(503, "warming_up", f"{live} of {stats.size} containers are up")
+        return _json({"status": "ready", "containers": live, "size": stats.size})
+
+    async def get_metrics(self, _request: web.Request) -> web.Response:
+        pool: dict[str, float] = {}
+        with contextlib.suppress(TimeoutError, ChannelError):
+            stats = await asyncio.wait_for(self.pool.stats(), 2.0)
+            pool = {"pool_size": stats.size, "pool_idle": stats.idle,
+                    "pool_leased": stats.leased, "pool_starting": stats.starting,
+                    "pool_recycled_total": stats.recycled,
+                    "pool_create_failures_total": stats.create_failures,
+                    "pool_last_recycle_seconds": stats.last_recycle_s}
+        return web.Response(text=self.metrics.render(pool),
+                            content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Format": "prometheus-0.0.4"})
+
+    async def get_openapi(self, _request: web.Request) -> web.Response:
+        return _json(openapi.document(self.config))
+
+    # -- Piston v2 ---------------------------------------------------------------------------
+
+    async def piston_runtimes(self, _request: web.Request) -> web.Response:
+        return _json([schema.PistonRuntime(schema.LANGUAGE, self.python_version,
+                                           schema.ALIASES)])
+
+    async def piston_execute(self, request: web.Request) -> web.Response:
+        body = schema.decode(await request.read(), schema.PistonRequest)
+        if body.version not in ("*", self.python_version) and not (
+                self.python_version.startswith(body.version + ".")):
+            raise ApiError(400, "unknown_language",
+                           f"{body.language}-{body.version} runtime is unknown", "version")
+        schema.check_language(body.language)
+        if not body.files:
+            raise ApiError(400, "invalid_request", "files must hold at least the program",
+                           "files")
+        main, *rest = body.files
+        program = schema.file_content(main.content, main.encoding, "files[0].content")
+        try:
+            code = program.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, "invalid_utf8", "the program is not valid UTF-8",
+                           "files[0].content") from None
+        files = self._files([(f.name or f"file{i}", f.content, f.encoding)
+                             for i, f in enumerate(rest, start=1)])
+        schema.check_files(files, body.args, self.config.max_files,
+                           self.config.max_file_kib * 1024)
+        limits = schema.resolve_limits(self.config.limits, schema.piston_limits(body))
+        job = client.Job(code=code, stdin=body.stdin.encode("utf-8", "surrogatepass"),
+                         args=body.args, files=files)
+        result = await self.runs.execute(job, limits)
+        return _json(schema.PistonResponse(schema.LANGUAGE, self.python_version,
+                                           schema.piston_run(result)))

@@ -1,0 +1,88 @@
+"""The runner's configuration: one typed file, every limit capped, every queue bounded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+
+from stockade.limits import LimitPolicy
+
+DEFAULT_CONFIG_PATH = "/etc/stockade/runner.json"
+
+
+def _default_pool_size() -> int:
+    return max(2, os.cpu_count() or 1)
+
+
+class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # The unprivileged user the HTTP front runs as (created by `stockade serve` if missing).
+    user: str = "stockade"
+    pool_size: int = msgspec.field(default_factory=_default_pool_size)
+    # Requests that may wait for a container; past it the answer is 503 + Retry-After.
+    queue_limit: int = 32
+    queue_timeout_s: float = 10.0
+    limits: LimitPolicy = LimitPolicy()
+    max_body_kib: int = 4096
+    max_files: int = 64
+    max_file_kib: int = 1024
+    # Files a run writes under out/ that come back in the result.
+    max_out_files: int = 16
+    max_out_kib: int = 1024
+    # Where containers, their sockets and the runner's own state live (all created by root).
+    lxc_path: str = "/var/lib/stockade/containers"
+    run_dir: str = "/run/stockade"
+    image: str = "stockade-sandbox"
+    container_prefix: str = "stockade-pool-"
+    # The container's uid/gid range on the host (also written to /etc/subuid and /etc/subgid).
+    idmap_base: int = 100000
+    idmap_size: int = 65536
+    # Each container's cgroup caps: room for the largest run plus the zygote and a prepared run.
+    container_memory_overhead_mib: int = 512
+    container_cpus: float = 1.0
+    # Imported once by each zygote, besides the standard modules every zygote preloads.
+    preload: list[str] = msgspec.field(default_factory=lambda: ["numpy", "pandas"])
+    drain_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        positive = ("port", "pool_size", "queue_limit", "queue_timeout_s", "max_body_kib",
+                    "max_files", "max_file_kib", "max_out_files", "max_out_kib",
+                    "idmap_base", "idmap_size", "container_cpus", "drain_timeout_s")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if not self.port < 65536:
+            raise ValueError("port must be below 65536")
+        if self.pool_size > 256 or self.queue_limit > 4096:
+            raise ValueError("pool_size is capped at 256 and queue_limit at 4096")
+        if self.idmap_size < 65536:
+            raise ValueError("idmap_size must be at least 65536 (runs use uid 61000)")
+
+    @property
+    def pool_socket_dir(self) -> Path:
+        return Path(self.run_dir) / "pool"
+
+    @property
+    def container_memory_mib(self) -> int:
+        return self.limits.maximum.memory_mib + self.container_memory_overhead_mib
+
+    @property
+    def container_pids(self) -> int:
+        return self.limits.maximum.processes + 64
+
+
+def load(path: str | None) -> RunnerConfig:
+    """Read the config file; a missing default file means the defaults."""
+    if path is None:
+        if not Path(DEFAULT_CONFIG_PATH).exists():
+            return RunnerConfig()
+        path = DEFAULT_CONFIG_PATH
+    try:
+        return msgspec.json.decode(Path(path).read_bytes(), type=RunnerConfig)
+    except OSError as exc:
+        raise ValueError(f"cannot read config {path}: {exc.strerror}") from None
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ValueError(f"invalid config {path}: {exc}") from None

@@ -1,0 +1,234 @@
+"""Pool containers: overlay snapshot clones of the sandbox image, each running one zygote.
+
+Root only (LXC, cgroups, /etc/subuid). Blocking calls: the pool runs them in a worker
+thread. Every path that creates something has a path that removes it, including the
+empty `lxc.monitor.*` cgroups the LXC bindings leave behind.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import lxc  # type: ignore[import-untyped]
+import msgspec
+
+from stockade.limits import LimitPolicy
+from stockade.runner import images
+from stockade.runner.config import RunnerConfig
+from stockade.sandbox.cgroups import MOUNTINFO, parse_mountinfo
+from stockade.sandbox.config import DEFAULT_PRELOAD, SandboxConfig
+
+SOCKET_NAME = "zygote.sock"
+ZYGOTE_CONFIG_NAME = "zygote.json"
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10  # LXC takes whole seconds
+CGROUP_TIMEOUT_S = 5.0  # for LXC's monitor process to leave its cgroup
+
+
+class ContainerError(RuntimeError):
+    """A container could not be made, started or removed."""
+
+
+def cgroup_version() -> int:
+    _, v1 = parse_mountinfo(Path(MOUNTINFO).read_text())
+    return 1 if "memory" in v1 else 2
+
+
+def ensure_subid_ranges(config: RunnerConfig) -> None:
+    """Give root the containers' uid/gid range, which newuidmap checks."""
+    line = f"root:{config.idmap_base}:{config.idmap_size}"
+    for path in (Path("/etc/subuid"), Path("/etc/subgid")):
+        current = path.read_text().splitlines() if path.exists() else []
+        if line not in current:
+            path.write_text("\n".join([*current, line]) + "\n")
+
+
+def zygote_config(config: RunnerConfig) -> SandboxConfig:
+    return SandboxConfig(
+        socket_path=f"/run/stockade/{SOCKET_NAME}",
+        state_dir="/var/lib/stockade-zygote",
+        preload=[*DEFAULT_PRELOAD, *config.preload],
+        limits=LimitPolicy(default=config.limits.default, maximum=config.limits.maximum),
+        socket_mode=0o666,
+    )
+
+
+class Containers:
+    def __init__(self, config: RunnerConfig, runner_gid: int = 0) -> None:
+        self.config = config
+        self.runner_gid = runner_gid
+        self.lxc_path = config.lxc_path
+        self.socket_root = config.pool_socket_dir
+        self.cgroup_version = cgroup_version()
+
+    def socket_path(self, name: str) -> Path:
+        return self.socket_root / name / SOCKET_NAME
+
+    def _limits(self) -> list[tuple[str, str]]:
+        memory = self.config.container_memory_mib << 20
+        pids = self.config.container_pids
+        period = 100_000
+        quota = int(self.config.container_cpus * period)
+        if self.cgroup_version == 1:
+            return [("lxc.cgroup.memory.limit_in_bytes", str(memory)),
+                    ("lxc.cgroup.memory.memsw.limit_in_bytes", str(memory)),
+                    ("lxc.cgroup.pids.max", str(pids)),
+                    ("lxc.cgroup.cpu.cfs_period_us", str(period)),
+                    ("lxc.cgroup.cpu.cfs_quota_us", str(quota))]
+        return [("lxc.cgroup2.memory.max", str(memory)),
+                ("lxc.cgroup2.memory.swap.max", "0"),
+                ("lxc.cgroup2.pids.max", str(pids)),
+                ("lxc.cgroup2.cpu.max", f"{quota} {period}")]
+
+    def _socket_dir(self, name: str) -> Path:
+        """The container's only window to the host: its zygote's config and socket. Owned
+        by the container's root; only the runner's group may enter besides."""
+        directory = self.socket_root / name
+        images.remove_tree(directory)
+        directory.mkdir(mode=0o710)
+        (directory / ZYGOTE_CONFIG_NAME).write_bytes(
+            msgspec.json.encode(zygote_config(self.config)))
+        os.chown(directory, self.config.idmap_base, self.runner_gid)
+        return directory
+
+    def create(self, name: str) -> Path:
+        """Clone, configure and start a container; return its zygote's socket once it serves."""
+        base = lxc.Container(self.config.image, self.lxc_path)
+        if not base.defined:
+            raise ContainerError(f"the sandbox image {self.config.image} is missing: "
+                                 "run `stockade images build`")
+        directory = self._socket_dir(name)
+        try:
+            container = base.clone(name, config_path=self.lxc_path,
+                                   flags=lxc.LXC_CLONE_SNAPSHOT, bdevtype="overlayfs")
+            if not container:
+                raise ContainerError(f"cannot clone {self.config.image} into {name}")
+            items = [("lxc.mount.entry", f"{directory} run/stockade none bind,create=dir 0 0"),
+                     ("lxc.uts.name", "sandbox"),
+                     ("lxc.console.logfile", f"{self.lxc_path}/{name}/console.log"),
+                     *self._limits()]
+            for key, value in items:
+                if not container.set_config_item(key, value):
+                    raise ContainerError(f"LXC refused {key} = {value}")
+            container.save_config()
+            if not container.start():
+                raise ContainerError(f"container {name} did not start")
+            wait_until_serving(self.socket_path(name), container, READY_TIMEOUT_S)
+        except BaseException:
+            self.destroy(name)
+            raise
+        return self.socket_path(name)
+
+    def destroy(self, name: str) -> None:
+        """Stop and remove a container and everything made for it. Idempotent."""
+        container = lxc.Container(name, self.lxc_path)
+        if container.running:
+            container.stop()  # SIGKILL to its init: the whole container goes at once
+            container.wait("STOPPED", STOP_TIMEOUT_S)
+        if container.defined and not container.destroy():
+            raise ContainerError(f"cannot destroy container {name}")
+        images.remove_tree(Path(self.lxc_path) / name)
+        images.remove_tree(self.socket_root / name)
+        busy = remove_lxc_cgroups(name, timeout_s=CGROUP_TIMEOUT_S)
+        if busy:
+            raise ContainerError(f"cgroups of {name} still busy: {', '.join(busy)}")
+
+    def existing(self) -> list[str]:
+        names = lxc.list_containers(config_path=self.lxc_path)
+        return sorted(n for n in names if n.startswith(self.config.container_prefix))
+
+    def reconcile(self) -> list[str]:
+        """Remove what a crashed runner left: containers, sockets and cgroups of the pool."""
+        left = self.existing()
+        for name in left:
+            self.destroy(name)
+        if self.socket_root.is_dir():
+            for entry in self.socket_root.iterdir():
+                if entry.name.startswith(self.config.container_prefix):
+                    images.remove_tree(entry)
+        remove_lxc_cgroups(self.config.container_prefix, prefix=True)
+        return left
+
+
+def wait_until_serving(path: Path, container: lxc.Container, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+            try:
+                probe.connect(str(path))
+                return
+            except OSError:
+                pass
+        if not container.running:
+            raise ContainerError(f"container {container.name} stopped before its zygote served "
+                                 "(its image may be broken: `stockade images build --force`)")
+        time.sleep(0.01)
+    raise ContainerError(f"the zygote in {container.name} did not serve within {timeout_s} s")
+
+
+def _lxc_cgroup_parents() -> list[Path]:
+    """Where LXC makes a container's cgroups: beside init's cgroup (its default) or the
+    caller's, in every hierarchy."""
+    unified, v1 = parse_mountinfo(Path(MOUNTINFO).read_text())
+    dirs: list[Path] = []
+    lines = [*Path("/proc/1/cgroup").read_text().splitlines(),
+             *Path("/proc/self/cgroup").read_text().splitlines()]
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "" and unified is not None:
+            dirs.append(unified / path.lstrip("/"))
+            continue
+        for controller in controllers.split(","):
+            mount = v1.get(controller) or _v1_mount(controller)
+            if mount is not None:
+                dirs.append(mount / path.lstrip("/"))
+                break
+    return list(dict.fromkeys(dirs))
+
+
+def _v1_mount(controller: str) -> Path | None:
+    candidate = Path("/sys/fs/cgroup") / controller.removeprefix("name=")
+    return candidate if candidate.is_dir() else None
+
+
+def remove_lxc_cgroups(name: str, prefix: bool = False, timeout_s: float = 0.0) -> list[str]:
+    """Remove the lxc.monitor.NAME* and lxc.payload.NAME* cgroups, waiting up to `timeout_s`
+    for a monitor that is still exiting; return those still busy."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        busy = _remove_lxc_cgroups_once(name, prefix)
+        if not busy or time.monotonic() >= deadline:
+            return busy
+        time.sleep(0.02)
+
+
+def _remove_lxc_cgroups_once(name: str, prefix: bool) -> list[str]:
+    busy = []
+    for parent in _lxc_cgroup_parents():
+        if not parent.is_dir():
+            continue
+        for child in parent.iterdir():
+            for kind in ("lxc.monitor.", "lxc.payload."):
+                rest = child.name.removeprefix(kind)
+                if rest == child.name or not child.is_dir():
+                    continue
+                # LXC adds "-1", "-2"... when a cgroup of the same name is still there.
+                ours = rest.startswith(name) if prefix else (
+                    rest == name or rest.startswith(f"{name}-"))
+                if ours and not _remove_cgroup_tree(child):
+                    busy.append(str(child))
+    return busy
+
+
+def _remove_cgroup_tree(path: Path) -> bool:
+    for child in path.iterdir():
+        if child.is_dir():
+            _remove_cgroup_tree(child)
+    try:
+        path.rmdir()
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,65 @@
+"""The nginx site in front of a runner: slow clients cut off at 10 s, bodies capped at the
+runner's own cap, connections per client limited. One template, used by the tests and by
+the nginx role."""
+
+from __future__ import annotations
+
+import math
+import string
+
+from stockade.runner.config import RunnerConfig
+
+TEMPLATE = string.Template("""\
+# stockade runner behind nginx. Rendered by `stockade nginx-config`; goes in the http
+# context (e.g. /etc/nginx/conf.d/stockade.conf).
+limit_conn_zone $$binary_remote_addr zone=stockade_per_client:10m;
+limit_req_zone $$binary_remote_addr zone=stockade_rate:10m rate=${rate}r/s;
+
+upstream stockade_runner {
+    server ${upstream};
+    keepalive 32;
+}
+
+server {
+    listen ${listen};
+    server_name _;
+    server_tokens off;
+
+    # A client that dribbles its headers or body, or does not read the answer, is cut off.
+    client_header_timeout 10s;
+    client_body_timeout 10s;
+    send_timeout 10s;
+    keepalive_timeout 15s;
+    # The runner's own body cap, so an oversized body never reaches it.
+    client_max_body_size ${body_kib}k;
+    client_body_buffer_size ${body_kib}k;
+    large_client_header_buffers 4 8k;
+
+    limit_conn stockade_per_client ${connections};
+    limit_conn_status 503;
+    limit_req zone=stockade_rate burst=${burst} nodelay;
+    limit_req_status 503;
+
+    location / {
+        proxy_pass http://stockade_runner;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $$host;
+        proxy_set_header X-Forwarded-For $$proxy_add_x_forwarded_for;
+        proxy_connect_timeout 2s;
+        # Longest run allowed, plus the time a request may wait for a container.
+        proxy_read_timeout ${read_timeout}s;
+        proxy_send_timeout 10s;
+        proxy_request_buffering on;
+    }
+}
+""")
+
+
+def render(config: RunnerConfig, listen: str = "80", upstream: str | None = None, *,
+           connections: int = 64, rate: int = 200, burst: int = 400) -> str:
+    read_timeout = math.ceil(config.limits.maximum.wall_time_s + config.queue_timeout_s + 10)
+    return TEMPLATE.substitute(
+        listen=listen, upstream=upstream or f"{config.host}:{config.port}",
+        body_kib=config.max_body_kib, connections=connections, rate=rate, burst=burst,
+        read_timeout=read_timeout)

@@ -1,0 +1,84 @@
+"""The OpenAPI 3.1 document of the HTTP API, generated from the same structs that decode
+requests and encode answers, so the two cannot drift apart."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import msgspec
+
+from stockade import __version__
+from stockade.result import Result
+from stockade.runner import schema
+from stockade.runner.config import RunnerConfig
+
+REF = "#/components/schemas/{name}"
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": REF.format(name=name)}
+
+
+def _json_body(name: str | dict[str, Any], description: str) -> dict[str, Any]:
+    ref = _ref(name) if isinstance(name, str) else name
+    return {"description": description, "content": {"application/json": {"schema": ref}}}
+
+
+def _errors(kind: str, *codes: int) -> dict[str, Any]:
+    described = {400: "Malformed JSON or invalid UTF-8.", 413: "The body is over the cap.",
+                 422: "A field is invalid: unknown, mistyped, out of range or unsafe.",
+                 503: "Saturated or not running; retry after Retry-After seconds.",
+                 500: "stockade itself failed."}
+    answers = {str(code): _json_body(kind, described[code]) for code in codes}
+    if "503" in answers:
+        answers["503"]["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
+    return answers
+
+
+def _get(summary: str, body: dict[str, Any], *error_codes: int) -> dict[str, Any]:
+    return {"get": {"summary": summary,
+                    "responses": {"200": body, **_errors("ErrorBody", *error_codes)}}}
+
+
+@functools.cache
+def _document(limits: bytes) -> dict[str, Any]:
+    _, components = msgspec.json.schema_components(
+        [schema.RunRequest, Result, schema.ErrorBody, schema.Languages,
+         schema.PistonRequest, schema.PistonResponse, schema.PistonRuntime, schema.PistonError],
+        ref_template=REF)
+    text = {"description": "Prometheus text format",
+            "content": {"text/plain": {"schema": {"type": "string"}}}}
+    status = {"type": "object", "additionalProperties": True}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "stockade", "version": __version__,
+                 "description": "Run untrusted Python in confined, warm LXC sandboxes. "
+                 f"Limit policy: {limits.decode()}"},
+        "paths": {
+            "/v1/runs": {"post": {
+                "summary": "Run a program once, confined; answer with its result record.",
+                "requestBody": {"required": True, **_json_body("RunRequest", "The run.")},
+                "responses": {"200": _json_body("Result", "The result record."),
+                              **_errors("ErrorBody", 400, 413, 422, 503, 500)}}},
+            "/v1/languages": _get("Languages, versions, preloads and limits.",
+                                  _json_body("Languages", "What runs here.")),
+            "/healthz": _get("The runner is alive.", _json_body(status, "Alive."), 503),
+            "/readyz": _get("The pool is warm.", _json_body(status, "Ready."), 503),
+            "/metrics": _get("Prometheus metrics.", text),
+            "/openapi.json": _get("This document.", _json_body(status, "OpenAPI 3.1.")),
+            "/api/v2/runtimes": _get("Piston v2: runtimes.", _json_body(
+                {"type": "array", "items": _ref("PistonRuntime")}, "Runtimes.")),
+            "/api/v2/execute": {"post": {
+                "summary": "Piston v2: execute (files[0] is the program).",
+                "requestBody": {"required": True,
+                                **_json_body("PistonRequest", "Piston's request.")},
+                "responses": {"200": _json_body("PistonResponse", "Piston's answer."),
+                              **_errors("PistonError", 400, 413, 422, 503, 500)}}},
+        },
+        "components": {"schemas": components},
+    }
+
+
+def document(config: RunnerConfig) -> dict[str, Any]:
+    return _document(msgspec.json.encode(config.limits))

@@ -1,0 +1,175 @@
+"""`stockade serve`: a privileged pool manager and an unprivileged HTTP front, two processes.
+
+What needs root, and stays in the manager: building the image, /etc/subuid, creating,
+starting and destroying LXC containers, removing their cgroups, binding the listening
+socket (so any port works). The front (HTTP, validation, talking to zygotes) runs as the
+runner user with no capabilities; it reaches the pool only through a typed channel.
+
+Shutdown (SIGTERM/SIGINT to the manager): the front stops accepting, drains in-flight runs,
+exits; then the manager destroys the pool. If either side dies, the other follows, and the
+next start reconciles whatever was left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from stockade.runner import images
+from stockade.runner.api import Api, Runs
+from stockade.runner.config import RunnerConfig
+from stockade.runner.containers import Containers, ensure_subid_ranges, remove_lxc_cgroups
+from stockade.runner.control import PoolClient
+from stockade.runner.metrics import Metrics
+from stockade.runner.pool import Pool, log
+from stockade.sandbox import libc
+
+
+class ServiceError(RuntimeError):
+    """The service cannot start; the message says what to fix."""
+
+
+def ensure_user(name: str) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
+                        "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name],
+                       check=True, capture_output=True)
+        return pwd.getpwnam(name)
+
+
+def prepare_host(config: RunnerConfig) -> tuple[Containers, pwd.struct_passwd]:
+    """Everything root does once before serving; idempotent."""
+    if os.geteuid() != 0:
+        raise ServiceError("serve needs root: it manages LXC containers and their cgroups "
+                           "(the HTTP front drops to an unprivileged user)")
+    user = ensure_user(config.user)
+    ensure_subid_ranges(config)
+    images.build(config)
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    pool_dir = config.pool_socket_dir
+    # Containers must pass through to their own directory: no listing, only traversal.
+    pool_dir.mkdir(mode=0o711, exist_ok=True)
+    os.chmod(pool_dir, 0o711)  # noqa: S103 - each container directory guards itself
+    containers = Containers(config, runner_gid=user.pw_gid)
+    left = containers.reconcile()
+    if left:
+        log(f"removed {len(left)} containers a previous runner left: {', '.join(left)}")
+    return containers, user
+
+
+def listen(config: RunnerConfig) -> socket.socket:
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    try:
+        return socket.create_server((config.host, config.port), family=family, backlog=512)
+    except OSError as exc:
+        raise ServiceError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") \
+            from None
+
+
+def drop_privileges(user: pwd.struct_passwd) -> None:
+    os.setgroups([])
+    os.setresgid(user.pw_gid, user.pw_gid, user.pw_gid)
+    os.setresuid(user.pw_uid, user.pw_uid, user.pw_uid)
+    if os.geteuid() == 0 or os.getegid() == 0:
+        raise ServiceError("could not drop root")
+    os.chdir("/")
+
+
+def serve(config: RunnerConfig) -> int:
+    containers, user = prepare_host(config)
+    listener = listen(config)
+    python = (images.read_stamp(config) or images.Stamp("", 0, "unknown", [])).python
+    manager_end, front_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            manager_end.close()
+            libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+            drop_privileges(user)
+            code = asyncio.run(front_main(config, front_end, listener, python))
+        except BaseException as exc:  # report, then leave without running cleanup
+            print(f"stockade-front: {exc!r}", file=sys.stderr, flush=True)
+        finally:
+            os._exit(code)
+    front_end.close()
+    listener.close()
+    try:
+        return asyncio.run(manager_main(config, containers, manager_end, pid))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        remove_lxc_cgroups(config.container_prefix, prefix=True)
+
+
+async def manager_main(config: RunnerConfig, containers: Containers, channel: socket.socket,
+                       front_pid: int) -> int:
+    pool = Pool(config, containers)
+    reader, writer = await asyncio.open_unix_connection(sock=channel)
+    loop = asyncio.get_running_loop()
+
+    def stop(signum: int) -> None:
+        log(f"{signal.Signals(signum).name}: draining")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(front_pid, signal.SIGTERM)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop, signum)
+    filling = asyncio.create_task(pool.fill())
+    try:
+        await pool.serve(reader, writer)  # until the front is gone
+    finally:
+        filling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await filling
+        await pool.close()
+        writer.close()
+    _, status = await loop.run_in_executor(None, os.waitpid, front_pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    log(f"stopped (front exit status {code})")
+    return 0 if code == 0 else 1
+
+
+async def front_main(config: RunnerConfig, channel: socket.socket, listener: socket.socket,
+                     python: str) -> int:
+    reader, writer = await asyncio.open_unix_connection(sock=channel)
+    pool = PoolClient(reader, writer)
+    metrics = Metrics()
+    runs = Runs(config, pool, metrics)
+    app = Api(config, runs, pool, metrics, python).app()
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.SockSite(runner, listener)
+    await site.start()
+    who = f"{pwd.getpwuid(os.getuid()).pw_name}:{grp.getgrgid(os.getgid()).gr_name}"
+    print(f"stockade: serving on http://{config.host}:{config.port} as {who}",
+          file=sys.stderr, flush=True)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    waiters = [asyncio.create_task(stopping.wait()),
+               asyncio.create_task(asyncio.wait([pool.closed]))]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in waiters:
+        waiter.cancel()
+    await site.stop()  # no new connections; in-flight requests go on
+    drained = await runs.drain(config.drain_timeout_s)
+    await runner.cleanup()
+    writer.close()
+    return 0 if drained and stopping.is_set() else 1
