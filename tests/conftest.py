@@ -16,9 +16,13 @@ import pytest
 
 from stockade.limits import LimitPolicy, Limits
 from stockade.result import Result
+from stockade.runner.config import RunnerConfig
+from stockade.runner.containers import Containers
 from stockade.sandbox import client
 from stockade.sandbox.config import SandboxConfig
 from stockade.sandbox.launcher import DEFAULT_COMMAND, ZygoteProcess
+from support import service
+from support.service import NginxProcess, RunnerProcess
 
 TESTS = Path(__file__).parent
 WEAK_ZYGOTE = str(TESTS / "support" / "weak_zygote.py")
@@ -97,3 +101,53 @@ def weak_sandbox() -> Iterator[Callable[[str], Sandbox]]:
     for box, state in started:
         box.close()
         state.cleanup()
+
+
+# -- the runner end to end: real LXC containers, real nginx ---------------------------------
+
+RUNNER_PORT, NGINX_PORT = 18080, 18081
+
+
+def runner_leftovers(config: RunnerConfig) -> list[str]:
+    """Containers, sockets, cgroups and processes of a runner's pool that still exist."""
+    found = [f"container {name}" for name in Containers(config).existing()]
+    pool_dir = config.pool_socket_dir
+    if pool_dir.is_dir():
+        found += [f"socket dir {p}" for p in pool_dir.iterdir()]
+    prefix = config.container_prefix
+    for hierarchy in Path("/sys/fs/cgroup").iterdir():
+        for parent in (hierarchy, *(p for p in hierarchy.glob("*") if p.is_dir())):
+            found += [f"cgroup {p}" for p in parent.glob(f"lxc.*.{prefix}*")]
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if f"lxc.payload.{prefix}" in (proc / "cgroup").read_text():
+                found.append(f"process {proc.name}")
+        except OSError:
+            continue
+    return sorted(set(found))
+
+
+@pytest.fixture(scope="session")
+def runner() -> Iterator[RunnerProcess]:
+    config = service.runner_config(RUNNER_PORT, "stockade-t-")
+    process = RunnerProcess(config)
+    process.start()
+    try:
+        yield process
+    finally:
+        code = process.stop()
+        left = runner_leftovers(config)
+        log = process.log()
+        process.close()
+        assert code == 0, f"the runner stopped with {code}:\n{log}"
+        assert not left, f"the runner left {left}"
+
+
+@pytest.fixture(scope="session")
+def nginx(runner: RunnerProcess) -> Iterator[NginxProcess]:
+    proxy = NginxProcess(runner.config, NGINX_PORT)
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()

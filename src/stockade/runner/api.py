@@ -190,8 +190,11 @@ class Api:
         except (TimeoutError, ChannelError):
             raise ApiError(503, "unavailable", "the container pool does not answer") from None
         live = stats.idle + stats.leased
-        if not stats.warm or live == 0:
+        if not stats.warm:
             raise ApiError(503, "warming_up", f"{live} of {stats.size} containers are up")
+        if stats.failing or live + stats.starting == 0:
+            raise ApiError(503, "pool_failing", "containers cannot be started; the runner's "
+                           "log says why")
         return _json({"status": "ready", "containers": live, "size": stats.size})
 
     async def get_metrics(self, _request: web.Request) -> web.Response:

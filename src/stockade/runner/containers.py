@@ -7,9 +7,11 @@ empty `lxc.monitor.*` cgroups the LXC bindings leave behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lxc  # type: ignore[import-untyped]
@@ -63,6 +65,9 @@ class Containers:
         self.lxc_path = config.lxc_path
         self.socket_root = config.pool_socket_dir
         self.cgroup_version = cgroup_version()
+        # Children that are not LXC monitors (the HTTP front): never reaped here.
+        self.keep_children: set[int] = set()
+        self.home = cgroup_dirs()
 
     def socket_path(self, name: str) -> Path:
         return self.socket_root / name / SOCKET_NAME
@@ -114,7 +119,9 @@ class Containers:
                 if not container.set_config_item(key, value):
                     raise ContainerError(f"LXC refused {key} = {value}")
             container.save_config()
-            if not container.start():
+            started = container.start()
+            return_home(self.home)
+            if not started:
                 raise ContainerError(f"container {name} did not start")
             wait_until_serving(self.socket_path(name), container, READY_TIMEOUT_S)
         except BaseException:
@@ -132,7 +139,8 @@ class Containers:
             raise ContainerError(f"cannot destroy container {name}")
         images.remove_tree(Path(self.lxc_path) / name)
         images.remove_tree(self.socket_root / name)
-        busy = remove_lxc_cgroups(name, timeout_s=CGROUP_TIMEOUT_S)
+        busy = remove_lxc_cgroups(name, timeout_s=CGROUP_TIMEOUT_S,
+                                  between=lambda: reap_zombies(self.keep_children))
         if busy:
             raise ContainerError(f"cgroups of {name} still busy: {', '.join(busy)}")
 
@@ -153,6 +161,26 @@ class Containers:
         return left
 
 
+def reap_zombies(keep: set[int]) -> None:
+    """Reap exited LXC monitors: they stay our children, and a zombie keeps its
+    lxc.monitor cgroup busy until it is reaped."""
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for pid in map(int, children):
+            if pid in keep:
+                continue
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state == "Z":
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+
+
 def wait_until_serving(path: Path, container: lxc.Container, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -169,14 +197,11 @@ def wait_until_serving(path: Path, container: lxc.Container, timeout_s: float) -
     raise ContainerError(f"the zygote in {container.name} did not serve within {timeout_s} s")
 
 
-def _lxc_cgroup_parents() -> list[Path]:
-    """Where LXC makes a container's cgroups: beside init's cgroup (its default) or the
-    caller's, in every hierarchy."""
+def cgroup_dirs(pid: str = "self") -> list[Path]:
+    """The cgroup directories of process `pid`, one per hierarchy."""
     unified, v1 = parse_mountinfo(Path(MOUNTINFO).read_text())
     dirs: list[Path] = []
-    lines = [*Path("/proc/1/cgroup").read_text().splitlines(),
-             *Path("/proc/self/cgroup").read_text().splitlines()]
-    for line in lines:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
         _, controllers, path = line.split(":", 2)
         if controllers == "" and unified is not None:
             dirs.append(unified / path.lstrip("/"))
@@ -189,16 +214,34 @@ def _lxc_cgroup_parents() -> list[Path]:
     return list(dict.fromkeys(dirs))
 
 
+def _lxc_cgroup_parents() -> list[Path]:
+    """Where LXC makes a container's cgroups: beside init's cgroup (its default) or the
+    caller's, in every hierarchy."""
+    return list(dict.fromkeys([*cgroup_dirs("1"), *cgroup_dirs()]))
+
+
+def return_home(home: list[Path]) -> None:
+    """Move this process back to its own cgroups. Starting a container through the LXC
+    bindings leaves the caller inside the new lxc.monitor.* cgroup, which then can never be
+    removed while we live."""
+    for directory in home:
+        with contextlib.suppress(OSError):
+            (directory / "cgroup.procs").write_text(str(os.getpid()))
+
+
 def _v1_mount(controller: str) -> Path | None:
     candidate = Path("/sys/fs/cgroup") / controller.removeprefix("name=")
     return candidate if candidate.is_dir() else None
 
 
-def remove_lxc_cgroups(name: str, prefix: bool = False, timeout_s: float = 0.0) -> list[str]:
+def remove_lxc_cgroups(name: str, prefix: bool = False, timeout_s: float = 0.0,
+                       between: Callable[[], None] | None = None) -> list[str]:
     """Remove the lxc.monitor.NAME* and lxc.payload.NAME* cgroups, waiting up to `timeout_s`
-    for a monitor that is still exiting; return those still busy."""
+    for a monitor that is still exiting (`between` runs before each try); return the busy."""
     deadline = time.monotonic() + timeout_s
     while True:
+        if between is not None:
+            between()
         busy = _remove_lxc_cgroups_once(name, prefix)
         if not busy or time.monotonic() >= deadline:
             return busy

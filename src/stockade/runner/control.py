@@ -45,6 +45,7 @@ class PoolStats(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="po
     warm: bool  # every container of the pool has been up at least once
     recycled: int
     create_failures: int
+    failing: bool  # the latest container creation failed
     last_recycle_s: float
 
 

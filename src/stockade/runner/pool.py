@@ -41,6 +41,7 @@ class Pool:
         self.warm = False
         self.recycled = 0
         self.create_failures = 0
+        self.failing = False
         self.last_recycle_s = 0.0
         self.closing = False
         # LXC calls block; one thread keeps them serialized (the bindings fork).
@@ -64,9 +65,11 @@ class Pool:
                     await self._in_lxc(self.containers.create, name)
                 except ContainerError as exc:
                     self.create_failures += 1
+                    self.failing = True
                     log(f"cannot start {name}: {exc}")
                     await asyncio.sleep(RETRY_DELAY_S)
                     continue
+                self.failing = False
                 if self.closing:
                     await self._in_lxc(self.containers.destroy, name)
                     return
@@ -130,7 +133,7 @@ class Pool:
         return control.PoolStats(
             id=request_id, size=self.config.pool_size, idle=len(self.idle),
             leased=len(self.leased), starting=self.starting, warm=self.warm,
-            recycled=self.recycled, create_failures=self.create_failures,
+            recycled=self.recycled, create_failures=self.create_failures, failing=self.failing,
             last_recycle_s=self.last_recycle_s)
 
     # -- serving the front -----------------------------------------------------------------

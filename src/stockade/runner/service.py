@@ -107,6 +107,7 @@ def serve(config: RunnerConfig) -> int:
             os._exit(code)
     front_end.close()
     listener.close()
+    containers.keep_children.add(pid)
     try:
         return asyncio.run(manager_main(config, containers, manager_end, pid))
     finally:

@@ -1,0 +1,204 @@
+"""The HTTP API end to end: real runner, real LXC containers, directly and through nginx."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+
+from support.service import Client, NginxProcess, RunnerProcess
+
+
+@pytest.fixture(params=["direct", "nginx"])
+def api(request: pytest.FixtureRequest, runner: RunnerProcess) -> Client:
+    """Both ways in: straight to the runner, and through nginx."""
+    if request.param == "nginx":
+        proxy: NginxProcess = request.getfixturevalue("nginx")
+        return proxy
+    return runner
+
+
+STATUSES = [
+    ("ok", "print('hi')", {}, {"stdout": "hi\n", "exit_code": 0}),
+    ("runtime_error", "raise SystemExit(3)", {}, {"exit_code": 3}),
+    ("signaled", "import os, signal\nos.kill(os.getpid(), signal.SIGABRT)", {},
+     {"signal": "SIGABRT"}),
+    ("time_limit", "while True: pass", {"cpu_time_s": 0.3}, {}),
+    ("wall_time_limit", "import time\ntime.sleep(60)", {"wall_time_s": 0.5}, {}),
+    ("memory_limit", "b = bytearray(400 << 20)", {"memory_mib": 64}, {}),
+    ("output_limit", "while True: print('x' * 1000)", {"output_kib": 4},
+     {"stdout_truncated": True}),
+    ("file_size_limit", "open('big', 'wb').write(b'x' * 200_000)", {"file_size_kib": 64}, {}),
+]
+
+
+@pytest.mark.parametrize(("status", "code", "limits", "fields"), STATUSES,
+                         ids=[s[0] for s in STATUSES])
+def test_every_status_over_http(api: Client, status: str, code: str, limits: dict[str, Any],
+                                fields: dict[str, Any]) -> None:
+    result = api.run(code, **limits)
+    assert result.status == status, (result.status, result.message, result.stderr[-1000:])
+    for name, value in fields.items():
+        assert getattr(result, name) == value, (name, getattr(result, name))
+    if status != "ok":
+        assert result.message, "a non-ok record says why"
+
+
+def test_stdin_args_and_files_reach_the_program(api: Client) -> None:
+    code = ("import sys, pathlib\n"
+            "print(sys.argv[1:], sys.stdin.read(), pathlib.Path('data/in.txt').read_text(),"
+            " pathlib.Path('blob.bin').read_bytes())")
+    files = [{"name": "data/in.txt", "content": "text file"},
+             {"name": "blob.bin", "content": base64.b64encode(b"\x00\xff").decode(),
+              "encoding": "base64"}]
+    result = api.run(code, stdin="from stdin", args=["-v", "x y"], files=files)
+    assert result.status == "ok", result.stderr
+    assert result.stdout == "['-v', 'x y'] from stdin text file b'\\x00\\xff'\n"
+
+
+def test_a_run_is_confined_inside_its_container(runner: RunnerProcess) -> None:
+    code = ("import os\n"
+            "status = dict(l.split(':', 1) for l in open('/proc/self/status'))\n"
+            "print(os.getuid(), status['Seccomp'].strip(), status['NoNewPrivs'].strip(),"
+            " status['CapEff'].strip(), os.uname().nodename, sorted(os.listdir('/sys/class/net')"
+            " if os.path.isdir('/sys/class/net') else []))")
+    result = runner.run(code)
+    assert result.status == "ok", result.stderr
+    uid, seccomp, nnp, cap_eff, host, _ = result.stdout.split(" ", 5)
+    assert (uid, seccomp, nnp, cap_eff, host) == ("61000", "2", "1", "0000000000000000",
+                                                  "sandbox")
+
+
+def test_preloaded_pandas_runs(runner: RunnerProcess) -> None:
+    result = runner.run("import pandas as pd\nprint(pd.DataFrame({'a': [1, 2]}).a.sum())")
+    assert (result.status, result.stdout) == ("ok", "3\n"), result.stderr
+
+
+def test_piston_execute_answers_in_pistons_shape(api: Client) -> None:
+    answer = api.post("/api/v2/execute", {
+        "language": "python", "version": "*", "stdin": "in",
+        "files": [{"content": "import sys\nprint(input(), sys.argv[1:])\nsys.exit(2)"},
+                  {"content": "aux"}],
+        "args": ["a"], "run_timeout": -1, "compile_timeout": -1, "run_memory_limit": -1,
+        "unknown_piston_field": True})
+    assert answer.status == 200, answer.body
+    body = answer.json()
+    assert body["language"] == "python"
+    run = body["run"]
+    assert (run["stdout"], run["code"], run["signal"], run["status"]) == (
+        "in ['a']\n", 2, None, "RE")
+    assert run["output"] == run["stdout"] + run["stderr"]
+
+
+def test_piston_timeout_is_milliseconds(runner: RunnerProcess) -> None:
+    answer = runner.post("/api/v2/execute", {
+        "language": "py", "files": [{"name": "x.py", "content": "import time\ntime.sleep(9)"}],
+        "run_timeout": 300})
+    run = answer.json()["run"]
+    assert run["status"] == "TO" and 250 <= run["wall_time"] < 3000, run
+
+
+def test_piston_runtimes_and_languages(runner: RunnerProcess) -> None:
+    runtimes = runner.get("/api/v2/runtimes").json()
+    assert runtimes[0]["language"] == "python" and "py" in runtimes[0]["aliases"]
+    languages = runner.get("/v1/languages").json()
+    assert languages["languages"][0]["name"] == "python"
+    assert "pandas" in languages["languages"][0]["preloaded"]
+    assert languages["limits"]["maximum"]["memory_mib"] == runner.config.limits.maximum.memory_mib
+
+
+def test_health_ready_and_metrics(runner: RunnerProcess) -> None:
+    assert runner.get("/healthz").status == 200
+    ready = runner.get("/readyz")
+    assert ready.status == 200 and ready.json()["size"] == runner.config.pool_size
+    runner.run("print(1)")
+    metrics = runner.get("/metrics").body.decode()
+    for name in ("stockade_runs_total{status=\"ok\"}", "stockade_run_seconds_bucket",
+                 "stockade_pool_size 2", "stockade_queue_depth", "stockade_pool_recycled_total"):
+        assert name in metrics, name
+    ok_runs = next(line for line in metrics.splitlines()
+                   if line.startswith('stockade_runs_total{status="ok"}'))
+    assert int(ok_runs.split()[-1]) >= 1
+
+
+def test_openapi_document_describes_the_routes(runner: RunnerProcess) -> None:
+    document = runner.get("/openapi.json").json()
+    assert document["openapi"].startswith("3.")
+    assert {"/v1/runs", "/api/v2/execute", "/readyz"} <= set(document["paths"])
+    assert "RunRequest" in document["components"]["schemas"]
+
+
+BAD = [
+    ("malformed json", b"{", 400, "malformed_json", None),
+    ("invalid utf-8", b'{"code": "\xff"}', 400, "invalid_utf8", None),
+    ("not an object", b"[]", 422, "invalid_request", None),
+    ("missing code", b"{}", 422, "invalid_request", None),
+    ("unknown field", b'{"code": "", "colour": 1}', 422, "invalid_request", "colour"),
+    ("wrong type", b'{"code": 5}', 422, "invalid_request", "code"),
+    ("unknown limit", b'{"code": "", "limits": {"gpus": 1}}', 422, "invalid_request",
+     "limits.gpus"),
+    ("limit over cap", b'{"code": "", "limits": {"memory_mib": 99999}}', 422,
+     "limit_out_of_range", "limits.memory_mib"),
+    ("limit below floor", b'{"code": "", "limits": {"cpu_time_s": 0}}', 422,
+     "limit_out_of_range", "limits.cpu_time_s"),
+    ("negative limit", b'{"code": "", "limits": {"processes": -1}}', 422,
+     "limit_out_of_range", "limits.processes"),
+    ("unknown language", b'{"code": "", "language": "cobol"}', 422, "unknown_language",
+     "language"),
+    ("absolute file name", b'{"code": "", "files": [{"name": "/etc/x", "content": ""}]}', 422,
+     "invalid_file_name", "files[0].name"),
+    ("dot-dot file name", b'{"code": "", "files": [{"name": "a/../../x", "content": ""}]}',
+     422, "invalid_file_name", "files[0].name"),
+    ("long file name", b'{"code": "", "files": [{"name": "' + b"a" * 300 + b'", "content": ""}]}',
+     422, "invalid_file_name", "files[0].name"),
+    ("reserved file name", b'{"code": "", "files": [{"name": "main.py", "content": ""}]}', 422,
+     "invalid_file_name", "files[0].name"),
+    ("duplicate file", b'{"code": "", "files": [{"name": "a", "content": ""}, '
+     b'{"name": "a", "content": ""}]}', 422, "invalid_file_name", "files[1].name"),
+    ("bad base64", b'{"code": "", "files": [{"name": "a", "content": "%%", '
+     b'"encoding": "base64"}]}', 422, "invalid_file", "files[0].content"),
+    ("bad encoding", b'{"code": "", "files": [{"name": "a", "content": "", '
+     b'"encoding": "rot13"}]}', 422, "invalid_request", "files[0].encoding"),
+    ("too many files", b'{"code": "", "files": [' + b", ".join(
+        b'{"name": "f%d", "content": ""}' % i for i in range(65)) + b"]}", 422,
+     "too_many_files", "files"),
+    ("too many args", b'{"code": "", "args": [' + b", ".join([b'"a"'] * 300) + b"]}", 422,
+     "invalid_args", "args"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "status", "code", "field"), BAD,
+                         ids=[b[0] for b in BAD])
+def test_bad_input_is_refused_with_the_error_shape(api: Client, case: str, body: bytes,
+                                                   status: int, code: str,
+                                                   field: str | None) -> None:
+    answer = api.post("/v1/runs", body)
+    assert answer.status == status, (case, answer.status, answer.body)
+    error = answer.json()["error"]
+    assert error["code"] == code, error
+    assert error["message"]
+    assert error["field"] == field, error
+
+
+def test_body_over_the_cap_is_413_both_ways(runner: RunnerProcess, nginx: NginxProcess) -> None:
+    cap = runner.config.max_body_kib * 1024
+    body = b'{"code": "' + b"#" * cap + b'"}'
+    direct = runner.post("/v1/runs", body)
+    assert direct.status == 413 and direct.json()["error"]["code"] == "body_too_large"
+    assert nginx.post("/v1/runs", body).status == 413
+
+
+def test_unknown_route_and_method(runner: RunnerProcess) -> None:
+    missing = runner.get("/v2/nothing")
+    assert missing.status == 404 and missing.json()["error"]["code"] == "not_found"
+    wrong = runner.get("/v1/runs")
+    assert wrong.status == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_piston_errors_use_pistons_shape(runner: RunnerProcess) -> None:
+    answer = runner.post("/api/v2/execute", {"language": "python", "version": "2.7",
+                                             "files": [{"content": ""}]})
+    assert answer.status == 400 and "runtime is unknown" in answer.json()["message"]
+    empty = runner.post("/api/v2/execute", {"language": "python", "files": []})
+    assert empty.status == 400 and empty.json()["message"]
