@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 
 from stockade import __version__
+from stockade.limits import FLOOR, LimitPolicy
 from stockade.result import Result
 from stockade.runner import schema
 from stockade.runner.config import RunnerConfig
@@ -76,8 +77,19 @@ def _document(limits: bytes) -> dict[str, Any]:
                 "responses": {"200": _json_body("PistonResponse", "Piston's answer."),
                               **_errors("PistonError", 400, 413, 422, 503, 500)}}},
         },
-        "components": {"schemas": components},
+        "components": {"schemas": _with_limit_ranges(components, limits)},
     }
+
+
+def _with_limit_ranges(components: dict[str, Any], limits: bytes) -> dict[str, Any]:
+    """The configured floor and caps of every limit, so clients (and fuzzers) see them."""
+    policy = msgspec.json.decode(limits, type=LimitPolicy)
+    for name, spec in components["LimitsIn"]["properties"].items():
+        for variant in spec.get("anyOf", [spec]):
+            if variant.get("type") in ("integer", "number"):
+                variant["minimum"] = getattr(FLOOR, name)
+                variant["maximum"] = getattr(policy.maximum, name)
+    return components
 
 
 def document(config: RunnerConfig) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from stockade.result import Result, Status
 
 LANGUAGE = "python"
 ALIASES = ["py", "python3"]
+LanguageName = Literal["python", "py", "python3"]
 
 
 class ApiError(Exception):
@@ -58,7 +59,7 @@ class LimitsIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class RunRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     code: str
-    language: str = LANGUAGE
+    language: LanguageName = LANGUAGE
     stdin: str = ""
     args: list[str] = []
     files: list[FileIn] = []
@@ -150,7 +151,9 @@ def decode(body: bytes, kind: type[Any]) -> Any:
     except UnicodeDecodeError:
         raise ApiError(400, "invalid_utf8", "the body is not valid UTF-8") from None
     except msgspec.ValidationError as exc:
-        raise ApiError(422, "invalid_request", str(exc), _field_of(str(exc))) from None
+        field = _field_of(str(exc))
+        code = "unknown_language" if field == "language" else "invalid_request"
+        raise ApiError(422, code, str(exc), field) from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
 

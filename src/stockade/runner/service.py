@@ -93,13 +93,17 @@ def serve(config: RunnerConfig) -> int:
     listener = listen(config)
     python = (images.read_stamp(config) or images.Stamp("", 0, "unknown", [])).python
     manager_end, front_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    manager_pid = os.getpid()
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
             manager_end.close()
-            libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
             drop_privileges(user)
+            # After the uid change, which clears it; then make sure the manager still lives.
+            libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != manager_pid:
+                raise ServiceError("the pool manager exited before the front started")
             code = asyncio.run(front_main(config, front_end, listener, python))
         except BaseException as exc:  # report, then leave without running cleanup
             print(f"stockade-front: {exc!r}", file=sys.stderr, flush=True)

@@ -1,0 +1,81 @@
+"""Admission control, draining on SIGTERM, and a crash (SIGKILL) followed by a restart
+that reconciles what was left: each on a runner of its own (one container, one waiter)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import runner_leftovers
+from support import service
+from support.service import RunnerProcess
+
+PORT = 18090
+
+
+@pytest.fixture
+def small_runner() -> Iterator[RunnerProcess]:
+    config = service.runner_config(PORT, "stockade-l-", pool_size=1, queue_limit=1,
+                                   queue_timeout_s=1.0)
+    process = RunnerProcess(config)
+    process.start()
+    try:
+        yield process
+    finally:
+        if process.proc is not None and process.proc.poll() is None:
+            process.stop()
+        left = runner_leftovers(config)
+        process.close()
+        assert not left, f"the runner left {left}"
+
+
+def test_saturation_answers_503_with_retry_after(small_runner: RunnerProcess) -> None:
+    slow = {"code": "import time\ntime.sleep(2.5)"}
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        running = pool.submit(small_runner.post, "/v1/runs", slow)
+        time.sleep(0.5)  # the only container is busy now
+        waiting = pool.submit(small_runner.post, "/v1/runs", slow)
+        time.sleep(0.2)  # ...and the only place in the queue is taken
+        refused = small_runner.post("/v1/runs", slow)
+        assert refused.status == 503
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "saturated"
+        assert running.result().status == 200
+        timed_out = waiting.result()  # waited 1 s (queue_timeout_s) for the container
+        assert timed_out.status == 503 and "retry" in timed_out.json()["error"]["message"]
+    assert 'stockade_rejected_total{reason="queue_full"} 1' in small_runner.get(
+        "/metrics").body.decode()
+
+
+def test_sigterm_drains_the_run_in_flight(small_runner: RunnerProcess) -> None:
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        run = pool.submit(small_runner.run, "import time\ntime.sleep(1.5)\nprint('done')")
+        time.sleep(0.5)
+        code = small_runner.stop(signal.SIGTERM)
+        result = run.result()
+    assert (result.status, result.stdout) == ("ok", "done\n")
+    assert code == 0, small_runner.log()
+    assert "draining" in small_runner.log()
+
+
+def test_sigkill_mid_run_then_restart_leaves_nothing(small_runner: RunnerProcess) -> None:
+    config = small_runner.config
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        run = pool.submit(small_runner.post, "/v1/runs", {"code": "import time\ntime.sleep(30)"})
+        time.sleep(0.5)
+        assert small_runner.proc is not None
+        os.kill(small_runner.proc.pid, signal.SIGKILL)  # the privileged manager crashes
+        small_runner.proc.wait()
+        with pytest.raises(OSError):
+            run.result()  # the front died with it (PDEATHSIG): the client sees a reset
+    assert runner_leftovers(config), "a crash leaves containers behind for the restart"
+    small_runner.start()
+    assert "previous runner left" in small_runner.log()
+    assert small_runner.run("print('after the crash')").stdout == "after the crash\n"
+    assert small_runner.stop() == 0
+    assert not runner_leftovers(config)
