@@ -59,7 +59,7 @@ class LimitsIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class RunRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     code: str
-    language: LanguageName = LANGUAGE
+    language: LanguageName = "python"
     stdin: str = ""
     args: list[str] = []
     files: list[FileIn] = []
