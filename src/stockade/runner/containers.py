@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -103,7 +104,17 @@ class Containers:
         return directory
 
     def create(self, name: str) -> Path:
-        """Clone, configure and start a container; return its zygote's socket once it serves."""
+        """Start a container and wait until its zygote serves; return the zygote's socket."""
+        self.start(name)
+        try:
+            self.wait_until_serving(name)
+        except BaseException:
+            self.destroy(name)
+            raise
+        return self.socket_path(name)
+
+    def start(self, name: str) -> None:
+        """Clone, configure and start a container (its zygote is still loading)."""
         base = lxc.Container(self.config.image, self.lxc_path)
         if not base.defined:
             raise ContainerError(f"the sandbox image {self.config.image} is missing: "
@@ -126,18 +137,48 @@ class Containers:
             return_home(self.home)
             if not started:
                 raise ContainerError(f"container {name} did not start")
-            wait_until_serving(self.socket_path(name), container, READY_TIMEOUT_S)
         except BaseException:
             self.destroy(name)
             raise
-        return self.socket_path(name)
+
+    def _console_tail(self, name: str) -> str:
+        try:
+            with open(f"{self.lxc_path}/{name}/console.log", "rb") as log:
+                log.seek(0, os.SEEK_END)
+                log.seek(max(0, log.tell() - 1500))
+                return log.read().decode(errors="replace").strip() or "(no console output)"
+        except OSError:
+            return "(no console log)"
+
+    def wait_until_serving(self, name: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Block until the container's zygote accepts a connection (no LXC call inside but
+        a state check, so it may run beside the LXC thread)."""
+        path = self.socket_path(name)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+                try:
+                    probe.connect(str(path))
+                    return
+                except OSError:
+                    pass
+            if not lxc.Container(name, self.lxc_path).running:
+                raise ContainerError(f"container {name} stopped before its zygote served "
+                                     f"(is the image current? `stockade images build`): "
+                                     f"{self._console_tail(name)}")
+            time.sleep(0.01)
+        raise ContainerError(f"the zygote in {name} did not serve within {timeout_s} s")
 
     def destroy(self, name: str) -> None:
         """Stop and remove a container and everything made for it. Idempotent."""
         container = lxc.Container(name, self.lxc_path)
         if container.running:
-            container.stop()  # SIGKILL to its init: the whole container goes at once
-            container.wait("STOPPED", STOP_TIMEOUT_S)
+            # SIGKILL to its init takes the whole container at once (lxc's stop() also
+            # gets there, but only after ~0.5 s of asking politely).
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(container.init_pid, signal.SIGKILL)
+            if not container.wait("STOPPED", STOP_TIMEOUT_S):
+                container.stop()
         if container.defined and not container.destroy():
             raise ContainerError(f"cannot destroy container {name}")
         images.remove_tree(Path(self.lxc_path) / name)
@@ -182,22 +223,6 @@ def reap_zombies(keep: set[int]) -> None:
             if state == "Z":
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
-
-
-def wait_until_serving(path: Path, container: lxc.Container, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
-            try:
-                probe.connect(str(path))
-                return
-            except OSError:
-                pass
-        if not container.running:
-            raise ContainerError(f"container {container.name} stopped before its zygote served "
-                                 "(its image may be broken: `stockade images build --force`)")
-        time.sleep(0.01)
-    raise ContainerError(f"the zygote in {container.name} did not serve within {timeout_s} s")
 
 
 def cgroup_dirs(pid: str = "self") -> list[Path]:

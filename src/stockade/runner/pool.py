@@ -62,7 +62,8 @@ class Pool:
             while not self.closing:
                 name = next(self.names)
                 try:
-                    await self._in_lxc(self.containers.create, name)
+                    await self._in_lxc(self.containers.start, name)
+                    await self._await_serving(name)
                 except ContainerError as exc:
                     self.create_failures += 1
                     self.failing = True
@@ -88,6 +89,15 @@ class Pool:
                 waiter.set_result(name)
                 return
         self.idle.append(name)
+
+    async def _await_serving(self, name: str) -> None:
+        """Wait for the zygote off the LXC thread, so other starts and stops go on."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, self.containers.wait_until_serving, name)
+        except ContainerError:
+            await self._in_lxc(self.containers.destroy, name)
+            raise
 
     async def _in_lxc(self, func: Callable[[str], object], name: str) -> None:
         loop = asyncio.get_running_loop()
@@ -124,6 +134,7 @@ class Pool:
         self.recycled += 1
         if not self.closing:
             self._background(self._add(replacing_since=since))
+            await asyncio.sleep(0)  # let the replacement reach the LXC thread first
         try:
             await self._in_lxc(self.containers.destroy, name)
         except ContainerError as exc:
