@@ -24,9 +24,13 @@ MAX_PATH_DEPTH = 8
 MAX_ARGS = 256
 MAX_ARG_LENGTH = 4096
 CODE_FILE = "main.py"
+OUT_DIR = "out"  # files the program leaves here come back with the result
 
-# The order of the descriptors attached to a Start message.
-START_FDS = ("payload", "stdin", "stdout", "stderr")
+# The order of the descriptors attached to a Start message: the first four go to the
+# run's worker, the outbox (a memfd the client reads afterwards) to the run's init.
+START_FDS = ("payload", "stdin", "stdout", "stderr", "outbox")
+WORKER_FDS = START_FDS[:4]
+OUTBOX_OVERHEAD = 64 * 1024  # names and framing, beyond the content cap
 
 
 class ProtocolError(ValueError):
@@ -64,6 +68,22 @@ class Go(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="go"):
     limits: Limits
 
 
+class Outbox(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="outbox"):
+    """Zygote to a run's init (with the outbox memfd): where to put the program's out/."""
+
+
+class OutputFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    content: bytes
+
+
+class OutboxContent(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a run's init collected from out/: regular files only, within the caps."""
+
+    files: list[OutputFile] = []
+    truncated: bool = False  # some files were left out: too many, too large, or not regular
+
+
 class InitReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="init"):
     """A run's init to the zygote: how the program ended, or why it never started."""
 
@@ -79,6 +99,8 @@ _report_decoder = msgspec.json.Decoder(Report)
 _go_decoder = msgspec.json.Decoder(Go)
 _init_decoder = msgspec.json.Decoder(InitReport)
 _payload_decoder = msgspec.msgpack.Decoder(Payload)
+_outbox_decoder = msgspec.msgpack.Decoder(OutboxContent)
+_outbox_message_decoder = msgspec.json.Decoder(Outbox)
 _encoder = msgspec.json.Encoder()
 
 
@@ -129,6 +151,30 @@ def decode_payload(raw: bytes) -> Payload:
         raise ProtocolError(f"invalid payload: {exc}") from None
     check_payload(payload)
     return payload
+
+
+def decode_outbox_message(raw: bytes) -> Outbox:
+    return _decode(_outbox_message_decoder, raw)
+
+
+def decode_outbox(raw: bytes, max_files: int, max_bytes: int) -> OutboxContent:
+    """Decode what crossed from a run, holding it to the same caps the collector had."""
+    if len(raw) > max_bytes + OUTBOX_OVERHEAD:
+        raise ProtocolError(f"output files of {len(raw)} bytes exceed the cap")
+    try:
+        outbox = _outbox_decoder.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ProtocolError(f"invalid output files: {exc}") from None
+    if len(outbox.files) > max_files:
+        raise ProtocolError(f"more than {max_files} output files")
+    if sum(len(f.content) for f in outbox.files) > max_bytes:
+        raise ProtocolError(f"output files over {max_bytes} bytes")
+    names = [f.name for f in outbox.files]
+    for name in names:
+        check_file_name(name)
+    if len(set(names)) != len(names):
+        raise ProtocolError("duplicate output file names")
+    return outbox
 
 
 def check_file_name(name: str) -> None:

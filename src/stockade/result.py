@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import signal
+from typing import Literal
 
 import msgspec
 
@@ -22,6 +23,14 @@ class Status(enum.StrEnum):
     INTERNAL_ERROR = "internal_error"
 
 
+class OutFile(msgspec.Struct, frozen=True, kw_only=True):
+    """A file the program left under out/: UTF-8 text as is, anything else in base64."""
+
+    name: str
+    content: str
+    encoding: Literal["utf8", "base64"] = "utf8"
+
+
 class Result(msgspec.Struct, kw_only=True):
     status: Status
     exit_code: int | None = None
@@ -34,6 +43,8 @@ class Result(msgspec.Struct, kw_only=True):
     wall_time_s: float = 0.0
     memory_peak_kib: int = 0
     message: str = ""
+    files: list[OutFile] = []
+    files_truncated: bool = False
 
 
 class Outcome(msgspec.Struct, kw_only=True):

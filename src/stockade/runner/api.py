@@ -36,13 +36,14 @@ def log(message: str) -> None:
     print(f"stockade-front: {message}", file=sys.stderr, flush=True)
 
 
-def _run_on(socket_path: str, job: client.Job, limits: Limits) -> Result:
+def _run_on(socket_path: str, job: client.Job, limits: Limits,
+            outputs: client.OutputCaps) -> Result:
     try:
         sock = client.connect(socket_path)
     except OSError as exc:
         return client.internal_error(f"cannot reach the container's zygote: {exc}")
     with sock:
-        return client.run(sock, job, limits)
+        return client.run(sock, job, limits, outputs)
 
 
 class Runs:
@@ -54,6 +55,7 @@ class Runs:
         self.metrics = metrics
         self.threads = ThreadPoolExecutor(max_workers=config.pool_size,
                                           thread_name_prefix="run")
+        self.outputs = client.OutputCaps(config.max_out_files, config.max_out_kib << 10)
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -81,7 +83,8 @@ class Runs:
         dirty = True
         try:
             loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self.threads, _run_on, lease.socket, job, limits)
+            result = await loop.run_in_executor(self.threads, _run_on, lease.socket, job, limits,
+                                                self.outputs)
             dirty = result.status != Status.OK
         finally:
             self.pool.release(lease.name, dirty)

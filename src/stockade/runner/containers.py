@@ -56,6 +56,8 @@ def zygote_config(config: RunnerConfig) -> SandboxConfig:
         preload=[*DEFAULT_PRELOAD, *config.preload],
         limits=LimitPolicy(default=config.limits.default, maximum=config.limits.maximum),
         socket_mode=0o666,
+        max_out_files=config.max_out_files,
+        max_out_kib=config.max_out_kib,
         # The container has no network device and its runs never overlap, so a network
         # namespace per run would add nothing but the kernel's costly netns teardown.
         isolate_network=False,

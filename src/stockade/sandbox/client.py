@@ -7,6 +7,7 @@ decoded against the schema; a silent or broken zygote gives `internal_error`.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import os
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 from stockade import protocol
 from stockade.limits import Limits
-from stockade.result import Outcome, Result, Status, judge, signal_name
+from stockade.result import Outcome, OutFile, Result, Status, judge, signal_name
 
 REPORT_GRACE_S = 5.0  # how long past the wall-time limit a zygote may take to answer
 EOF_GRACE_S = 2.0  # how long output may keep flowing after the report
@@ -83,8 +84,18 @@ def internal_error(message: str) -> Result:
     return Result(status=Status.INTERNAL_ERROR, message=message)
 
 
-def run(sock: socket.socket, job: Job, limits: Limits) -> Result:
+@dataclass(frozen=True)
+class OutputCaps:
+    """What may come back from out/: the zygote's collector holds to the same caps."""
+
+    max_files: int = 16
+    max_bytes: int = 1 << 20
+
+
+def run(sock: socket.socket, job: Job, limits: Limits,
+        outputs: OutputCaps | None = None) -> Result:
     """Run `job` on the zygote behind `sock` (one run at a time per socket)."""
+    outputs = outputs or OutputCaps()
     payload = protocol.encode_payload(protocol.Payload(job.code, job.args, job.files))
     # Only our ends are non-blocking: a program's writes block on a full pipe, as usual.
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -92,12 +103,14 @@ def run(sock: socket.socket, job: Job, limits: Limits) -> Result:
     for fd in (out_r, err_r):
         os.set_blocking(fd, False)
     sent = [out_w, err_w]
+    outbox = os.memfd_create("outbox", os.MFD_CLOEXEC)
     try:
         sent += [sealed_memfd("payload", payload), sealed_memfd("stdin", job.stdin)]
         payload_fd, stdin_fd = sent[2], sent[3]
-        protocol.send(sock, protocol.Start(limits), [payload_fd, stdin_fd, out_w, err_w])
+        protocol.send(sock, protocol.Start(limits),
+                      [payload_fd, stdin_fd, out_w, err_w, outbox])
     except OSError as exc:
-        for fd in (out_r, err_r):
+        for fd in (out_r, err_r, outbox):
             os.close(fd)
         return internal_error(f"cannot reach the sandbox: {exc}")
     finally:
@@ -106,9 +119,11 @@ def run(sock: socket.socket, job: Job, limits: Limits) -> Result:
     cap = limits.output_kib * 1024
     streams = {out_r: Capture(cap), err_r: Capture(cap)}
     outcome = _collect(sock, streams, limits)
+    files, files_truncated = _output_files(outbox, outputs)
     stdout, stderr = streams[out_r], streams[err_r]
     status, message = judge(outcome, limits, stdout.over or stderr.over)
     return Result(
+        files=files, files_truncated=files_truncated,
         status=status,
         exit_code=outcome.exit_code,
         signal=signal_name(outcome.signal) if outcome.signal is not None else None,
@@ -117,6 +132,30 @@ def run(sock: socket.socket, job: Job, limits: Limits) -> Result:
         cpu_time_s=outcome.cpu_time_s, wall_time_s=outcome.wall_time_s,
         memory_peak_kib=outcome.memory_peak_kib, message=message,
     )
+
+
+def _output_files(outbox: int, caps: OutputCaps) -> tuple[list[OutFile], bool]:
+    """Decode the outbox the run's init filled, if any: typed, capped, names checked."""
+    try:
+        size = os.fstat(outbox).st_size
+        if size == 0:
+            return [], False
+        if size > caps.max_bytes + protocol.OUTBOX_OVERHEAD:
+            return [], True
+        content = protocol.decode_outbox(os.pread(outbox, size, 0), caps.max_files,
+                                         caps.max_bytes)
+    except (OSError, protocol.ProtocolError):
+        return [], True
+    finally:
+        os.close(outbox)
+    files = []
+    for item in content.files:
+        try:
+            files.append(OutFile(name=item.name, content=item.content.decode("utf-8")))
+        except UnicodeDecodeError:
+            files.append(OutFile(name=item.name, encoding="base64",
+                                 content=base64.b64encode(item.content).decode()))
+    return files, content.truncated
 
 
 def _collect(sock: socket.socket, streams: dict[int, Capture], limits: Limits) -> Outcome:

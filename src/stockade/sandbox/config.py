@@ -41,6 +41,9 @@ class SandboxConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rlimit_nproc: int = 512
     rlimit_stack_mib: int = 8
     max_payload_mib: int = 32
+    # What a run's init brings back from the program's out/ directory.
+    max_out_files: int = 16
+    max_out_kib: int = 1024
     # Read-only paths shown to runs besides /usr, /etc and the interpreter's own paths.
     extra_ro_paths: list[str] = []
     # Unix uid/gid allowed to connect to the socket besides root (the runner's user).
@@ -54,7 +57,8 @@ class SandboxConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.run_uid <= 0 or self.run_gid <= 0:
             raise ValueError("run_uid and run_gid must be non-zero: runs never run as root")
         for name in ("workdir_size_mib", "tmp_size_mib", "shm_size_mib", "rlimit_nofile",
-                     "rlimit_nproc", "rlimit_stack_mib", "max_payload_mib"):
+                     "rlimit_nproc", "rlimit_stack_mib", "max_payload_mib", "max_out_files",
+                     "max_out_kib"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.socket_mode & ~0o666 or self.socket_mode & 0o600 != 0o600:

@@ -18,11 +18,14 @@ import fcntl
 import os
 import signal
 import socket
+import stat
 import sys
 import traceback
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import msgspec
 
 from stockade import protocol
 from stockade.limits import Limits
@@ -46,6 +49,8 @@ class RunPlan:
     rlimit_stack_mib: int
     max_payload_bytes: int
     limit_ceiling: Limits
+    max_out_files: int
+    max_out_bytes: int
 
 
 def _reset_signals() -> None:
@@ -74,7 +79,10 @@ def init_main(channel: socket.socket, go: socket.socket, cgroup_procs: list[int]
             worker_main(go, err_w, plan)
         go.close()
         os.close(err_w)
-        _init_exit(channel, _wait_for(pid, err_r))
+        report = _wait_for(pid, err_r)
+        if report.wait_status is not None:
+            collect_outputs(channel, plan)
+        _init_exit(channel, report)
     except BaseException as exc:
         _init_exit(channel, protocol.InitReport(error=f"run init failed: {exc}"))
 
@@ -96,6 +104,95 @@ def _wait_for(pid: int, err_r: int) -> protocol.InitReport:
     if error:
         return protocol.InitReport(error=f"confinement failed: {error}")
     return protocol.InitReport(wait_status=status)
+
+
+def collect_outputs(channel: socket.socket, plan: RunPlan) -> None:
+    """Bring back the regular files the program left under out/, into the client's outbox.
+
+    Whatever the program left running is killed first, so nothing changes underneath; then
+    init takes the run's own uid (no capability, no more rights than the program had) and
+    walks out/ one directory descriptor at a time, never following a symlink, never
+    reading a hard-linked file, a FIFO or a device."""
+    channel.setblocking(False)
+    try:
+        raw, fds = protocol.receive(channel, max_fds=1)
+    except (BlockingIOError, protocol.ProtocolError):
+        return  # no outbox was given: nobody wants the files
+    finally:
+        channel.setblocking(True)
+    if not fds:
+        return
+    outbox = _lift(fds[0])
+    protocol.decode_outbox_message(raw)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(-1, signal.SIGKILL)  # as pid 1: every other process of this run
+    confine.drop_identity(plan.root.run_uid, plan.root.run_gid)
+    confine.drop_capabilities()
+    collected = _Collector(plan.max_out_files, plan.max_out_bytes)
+    try:
+        root = os.open(f"{WORKDIR}/{protocol.OUT_DIR}",
+                       os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        root = -1  # no out/ (or not a directory): no files
+    if root >= 0:
+        collected.walk(root, "", 1)
+    content = protocol.OutboxContent(files=collected.files, truncated=collected.truncated)
+    view = memoryview(msgspec.msgpack.encode(content))
+    while view:
+        view = view[os.write(outbox, view):]
+    os.close(outbox)
+
+
+class _Collector:
+    def __init__(self, max_files: int, max_bytes: int) -> None:
+        self.files: list[protocol.OutputFile] = []
+        self.truncated = False
+        self.max_files = max_files
+        self.budget = max_bytes
+
+    def walk(self, directory: int, prefix: str, depth: int) -> None:
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            self.truncated = True
+            names = []
+        for name in names:
+            self._entry(directory, name, f"{prefix}{name}", depth)
+        os.close(directory)
+
+    def _entry(self, directory: int, name: str, path: str, depth: int) -> None:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+        try:
+            fd = os.open(name, flags, dir_fd=directory)
+        except OSError:
+            self.truncated = True  # a symlink (ELOOP), or unreadable
+            return
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode) and depth < protocol.MAX_PATH_DEPTH:
+            self.walk(fd, f"{path}/", depth + 1)
+            return
+        wanted = stat.S_ISREG(st.st_mode) and st.st_nlink == 1  # never a planted hard link
+        fits = len(self.files) < self.max_files and st.st_size <= self.budget
+        try:
+            if wanted and fits:
+                self._read(fd, path)
+            else:
+                self.truncated = True
+        finally:
+            os.close(fd)
+
+    def _read(self, fd: int, path: str) -> None:
+        data = bytearray()
+        while len(data) <= self.budget:
+            chunk = os.read(fd, min(65536, self.budget + 1 - len(data)))
+            if not chunk:
+                break
+            data += chunk
+        if len(data) > self.budget:
+            self.truncated = True
+            return
+        self.budget -= len(data)
+        self.files.append(protocol.OutputFile(path, bytes(data)))
 
 
 def worker_steps(plan: RunPlan, keep: set[int]) -> list[tuple[str, Callable[[], None]]]:
@@ -126,11 +223,11 @@ def worker_main(go: socket.socket, err_w: int, plan: RunPlan) -> None:
         for step, apply in worker_steps(plan, {go.fileno(), err_w}):  # noqa: B007 - reported
             apply()
         step = "go"
-        raw, fds = protocol.receive(go, max_fds=len(protocol.START_FDS))
+        raw, fds = protocol.receive(go, max_fds=len(protocol.WORKER_FDS))
         if not raw:
             os._exit(0)  # the zygote went away before this run was used
         limits = protocol.decode_go(raw).limits
-        if len(fds) != len(protocol.START_FDS):
+        if len(fds) != len(protocol.WORKER_FDS):
             raise protocol.ProtocolError("go without the run's descriptors")
         step = "request limits"
         apply_rlimits(plan, limits)  # only ever lowers what the ceiling allowed

@@ -90,6 +90,7 @@ class Zygote:
             rlimit_nofile=config.rlimit_nofile, rlimit_nproc=config.rlimit_nproc,
             rlimit_stack_mib=config.rlimit_stack_mib,
             max_payload_bytes=config.max_payload_mib << 20,
+            max_out_files=config.max_out_files, max_out_bytes=config.max_out_kib << 10,
             limit_ceiling=config.limits.maximum,
         )
         self.pid_ns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
@@ -175,7 +176,8 @@ class Zygote:
             return Outcome(error=f"cannot apply cgroup limits: {exc}")
         started = time.monotonic()
         with contextlib.suppress(OSError):  # a dead init reports why on its channel
-            protocol.send(embryo.go, protocol.Go(limits), fds)
+            protocol.send(embryo.channel, protocol.Outbox(), fds[len(protocol.WORKER_FDS):])
+            protocol.send(embryo.go, protocol.Go(limits), fds[:len(protocol.WORKER_FDS)])
         return self._supervise(conn, embryo, limits, started)
 
     def _supervise(self, conn: socket.socket, embryo: Embryo, limits: Limits,
