@@ -106,25 +106,17 @@ def throughput(runner: RunnerProcess, seconds: float) -> dict[str, float]:
     return out
 
 
-def metric(runner: RunnerProcess, name: str) -> float:
-    for line in runner.get("/metrics").body.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    raise KeyError(name)
-
-
 def recycle(runner: RunnerProcess, times: int) -> dict[str, float]:
     """Time from a dirty run's end to its replacement serving (measured by the pool)."""
     samples = []
     for _ in range(times):
-        while metric(runner, "stockade_pool_idle") < runner.config.pool_size:
-            time.sleep(0.02)
-        before = metric(runner, "stockade_pool_recycled_total")
+        runner.wait_for_full_pool(runner.config.containers)
+        before = runner.metric("stockade_pool_recycled_total")
         runner.run("raise SystemExit(1)")
-        while (metric(runner, "stockade_pool_idle") < runner.config.pool_size
-               or metric(runner, "stockade_pool_recycled_total") == before):
+        while runner.metric("stockade_pool_recycled_total") == before:
             time.sleep(0.02)
-        samples.append(metric(runner, "stockade_pool_last_recycle_seconds"))
+        runner.wait_for_full_pool(runner.config.containers)
+        samples.append(runner.metric("stockade_pool_last_recycle_seconds"))
     return {"recycle_median_s": statistics.median(samples), "recycle_max_s": max(samples)}
 
 

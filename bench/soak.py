@@ -55,13 +55,8 @@ def footprint(runner: RunnerProcess) -> dict[str, float]:
 
 
 def settle(runner: RunnerProcess) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if runner.get("/readyz").status == 200 and '"containers":2' in runner.get(
-                "/readyz").body.decode() and len(runner.containers()) == runner.config.pool_size:
-            time.sleep(2)
-            return
-        time.sleep(0.2)
+    runner.wait_for_full_pool(runner.config.containers)
+    time.sleep(2)  # let the manager reap and the allocator settle
 
 
 def load(proxy: NginxProcess, seconds: float) -> tuple[Counter[str], list[str]]:

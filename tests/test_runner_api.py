@@ -111,11 +111,12 @@ def test_piston_runtimes_and_languages(runner: RunnerProcess) -> None:
 def test_health_ready_and_metrics(runner: RunnerProcess) -> None:
     assert runner.get("/healthz").status == 200
     ready = runner.get("/readyz")
-    assert ready.status == 200 and ready.json()["size"] == runner.config.pool_size
+    assert ready.status == 200 and ready.json()["size"] == runner.config.containers
     runner.run("print(1)")
     metrics = runner.get("/metrics").body.decode()
     for name in ("stockade_runs_total{status=\"ok\"}", "stockade_run_seconds_bucket",
-                 "stockade_pool_size 2", "stockade_queue_depth", "stockade_pool_recycled_total"):
+                 f"stockade_pool_size {runner.config.containers}", "stockade_queue_depth",
+                 "stockade_pool_recycled_total"):
         assert name in metrics, name
     ok_runs = next(line for line in metrics.splitlines()
                    if line.startswith('stockade_runs_total{status="ok"}'))

@@ -20,7 +20,8 @@ PORT = 18090
 
 @pytest.fixture
 def small_runner() -> Iterator[RunnerProcess]:
-    config = service.runner_config(PORT, "stockade-l-", pool_size=1, queue_limit=1,
+    config = service.runner_config(PORT, "stockade-l-", pool_size=1, lean_pool_size=0,
+                                   queue_limit=1,
                                    queue_timeout_s=1.0)
     process = RunnerProcess(config)
     process.start()

@@ -3,7 +3,6 @@ go on, admission control."""
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
@@ -13,17 +12,11 @@ from support.service import NginxProcess, RunnerProcess
 
 
 def metric(runner: RunnerProcess, name: str) -> float:
-    for line in runner.get("/metrics").body.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"no metric {name}")
+    return runner.metric(name)
 
 
-def wait_for_full_pool(runner: RunnerProcess, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while metric(runner, "stockade_pool_idle") < runner.config.pool_size:
-        assert time.monotonic() < deadline, "the pool did not refill"
-        time.sleep(0.05)
+def wait_for_full_pool(runner: RunnerProcess) -> None:
+    runner.wait_for_full_pool(runner.config.containers)
 
 
 def test_64_concurrent_requests_through_nginx(nginx: NginxProcess,
@@ -58,6 +51,20 @@ def test_clean_runs_go_on_while_dirty_containers_are_replaced(runner: RunnerProc
     assert metric(runner, "stockade_pool_last_recycle_seconds") > 0
 
 
+def test_runs_naming_a_preloaded_module_get_a_container_that_preloaded_it(
+        runner: RunnerProcess) -> None:
+    # The probe spells the names in halves, so only the comment below routes it.
+    probe = ("import sys\n"
+             "print(sorted(m for m in ('num' + 'py', 'pan' + 'das') if m in sys.modules))")
+    full = runner.run(probe + "\n# uses pandas")
+    lean = runner.run(probe)
+    assert (full.stdout, lean.stdout) == ("['numpy', 'pandas']\n", "[]\n")
+    helper = runner.run("import helper\nprint(helper.total())",
+                        files=[{"name": "helper.py", "content": "import pandas as pd\n"
+                                "def total(): return pd.Series([2, 3]).sum()"}])
+    assert (helper.status, helper.stdout) == ("ok", "5\n"), helper.stderr
+
+
 def test_a_dirty_container_is_replaced_and_a_clean_one_kept(runner: RunnerProcess) -> None:
     wait_for_full_pool(runner)
     before = set(runner.containers())
@@ -67,4 +74,4 @@ def test_a_dirty_container_is_replaced_and_a_clean_one_kept(runner: RunnerProces
     assert runner.run("raise SystemExit(1)").status == "runtime_error"
     wait_for_full_pool(runner)
     after = set(runner.containers())
-    assert len(before - after) == 1 and len(after) == runner.config.pool_size, (before, after)
+    assert len(before - after) == 1 and len(after) == runner.config.containers, (before, after)

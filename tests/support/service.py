@@ -27,7 +27,8 @@ READY_TIMEOUT_S = 600.0  # the first start builds the sandbox image (Debian pack
 
 def runner_config(port: int, prefix: str, **overrides: Any) -> RunnerConfig:
     values: dict[str, Any] = {
-        "host": "127.0.0.1", "port": port, "pool_size": 2, "queue_limit": 16,
+        "host": "127.0.0.1", "port": port, "pool_size": 2, "lean_pool_size": 2,
+        "queue_limit": 16,
         "queue_timeout_s": 30.0, "container_prefix": prefix,
         "run_dir": f"/run/{prefix.rstrip('-')}",
         "limits": LimitPolicy(maximum=Limits(cpu_time_s=10, wall_time_s=20, memory_mib=512,
@@ -78,6 +79,19 @@ class Client:
 
     def get(self, path: str) -> Answer:
         return request(self.port, "GET", path)
+
+    def metric(self, name: str) -> float:
+        for line in self.get("/metrics").body.decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+        raise AssertionError(f"no metric {name}")
+
+    def wait_for_full_pool(self, size: int, timeout_s: float = 60.0) -> None:
+        """Until every container of the pool is up and idle (dirty ones replaced)."""
+        deadline = time.monotonic() + timeout_s
+        while self.metric("stockade_pool_idle") < size:
+            assert time.monotonic() < deadline, "the pool did not refill"
+            time.sleep(0.05)
 
     def run(self, code: str, stdin: str = "", args: list[str] | None = None,
             files: list[dict[str, str]] | None = None, **limits: Any) -> Result:

@@ -22,7 +22,7 @@ from stockade import protocol
 from stockade.limits import Limits
 from stockade.result import Result, Status
 from stockade.runner import openapi, schema
-from stockade.runner.config import RunnerConfig
+from stockade.runner.config import RunnerConfig, kind_for
 from stockade.runner.control import ChannelError, PoolClient
 from stockade.runner.metrics import Metrics
 from stockade.runner.schema import ApiError
@@ -53,7 +53,7 @@ class Runs:
         self.config = config
         self.pool = pool
         self.metrics = metrics
-        self.threads = ThreadPoolExecutor(max_workers=config.pool_size,
+        self.threads = ThreadPoolExecutor(max_workers=config.containers,
                                           thread_name_prefix="run")
         self.outputs = client.OutputCaps(config.max_out_files, config.max_out_kib << 10)
         self.idle = asyncio.Event()
@@ -64,13 +64,17 @@ class Runs:
         return ApiError(503, "saturated", message)
 
     async def execute(self, job: client.Job, limits: Limits) -> Result:
+        sources = [job.code, *(f.content.decode("utf-8", "replace") for f in job.files
+                               if f.name.endswith(".py"))]
+        kind = kind_for(self.config, sources)
         if self.metrics.queue_depth >= self.config.queue_limit:
             raise self._saturated("queue_full", "every container is busy and the wait queue "
                                   f"({self.config.queue_limit}) is full; retry later")
         started = time.monotonic()
         self.metrics.queue_depth += 1
         try:
-            lease = await asyncio.wait_for(self.pool.acquire(), self.config.queue_timeout_s)
+            lease = await asyncio.wait_for(self.pool.acquire(kind),
+                                           self.config.queue_timeout_s)
         except TimeoutError:
             raise self._saturated("queue_timeout", "no container became free within "
                                   f"{self.config.queue_timeout_s} s; retry later") from None

@@ -49,11 +49,11 @@ def ensure_subid_ranges(config: RunnerConfig) -> None:
             path.write_text("\n".join([*current, line]) + "\n")
 
 
-def zygote_config(config: RunnerConfig) -> SandboxConfig:
+def zygote_config(config: RunnerConfig, preload: list[str]) -> SandboxConfig:
     return SandboxConfig(
         socket_path=f"/run/stockade/{SOCKET_NAME}",
         state_dir="/var/lib/stockade-zygote",
-        preload=[*DEFAULT_PRELOAD, *config.preload],
+        preload=[*DEFAULT_PRELOAD, *preload],
         limits=LimitPolicy(default=config.limits.default, maximum=config.limits.maximum),
         socket_mode=0o666,
         max_out_files=config.max_out_files,
@@ -94,20 +94,20 @@ class Containers:
                 ("lxc.cgroup2.pids.max", str(pids)),
                 ("lxc.cgroup2.cpu.max", f"{quota} {period}")]
 
-    def _socket_dir(self, name: str) -> Path:
+    def _socket_dir(self, name: str, preload: list[str]) -> Path:
         """The container's only window to the host: its zygote's config and socket. Owned
         by the container's root; only the runner's group may enter besides."""
         directory = self.socket_root / name
         images.remove_tree(directory)
         directory.mkdir(mode=0o710)
         (directory / ZYGOTE_CONFIG_NAME).write_bytes(
-            msgspec.json.encode(zygote_config(self.config)))
+            msgspec.json.encode(zygote_config(self.config, preload)))
         os.chown(directory, self.config.idmap_base, self.runner_gid)
         return directory
 
-    def create(self, name: str) -> Path:
+    def create(self, name: str, preload: list[str]) -> Path:
         """Start a container and wait until its zygote serves; return the zygote's socket."""
-        self.start(name)
+        self.start(name, preload)
         try:
             self.wait_until_serving(name)
         except BaseException:
@@ -115,13 +115,13 @@ class Containers:
             raise
         return self.socket_path(name)
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, preload: list[str]) -> None:
         """Clone, configure and start a container (its zygote is still loading)."""
         base = lxc.Container(self.config.image, self.lxc_path)
         if not base.defined:
             raise ContainerError(f"the sandbox image {self.config.image} is missing: "
                                  "run `stockade images build`")
-        directory = self._socket_dir(name)
+        directory = self._socket_dir(name, preload)
         try:
             container = base.clone(name, config_path=self.lxc_path,
                                    flags=lxc.LXC_CLONE_SNAPSHOT, bdevtype="overlayfs")

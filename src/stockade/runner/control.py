@@ -19,6 +19,7 @@ MAX_LINE = 4096
 
 class Acquire(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="acquire"):
     id: int
+    kind: str  # which pool; an unknown kind gets the full pool
 
 
 class Release(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="release"):
@@ -124,8 +125,8 @@ class PoolClient:
         finally:
             self.waiting.pop(message.id, None)
 
-    async def acquire(self) -> Lease:
-        lease = await self._ask(Acquire(next(self.ids)), "lease")
+    async def acquire(self, kind: str) -> Lease:
+        lease = await self._ask(Acquire(next(self.ids), kind), "lease")
         assert isinstance(lease, Lease)
         return lease
 

@@ -1,5 +1,6 @@
-"""The privileged pool manager: keeps N warm containers, leases them one run at a time,
-and replaces every container whose run ended dirty in the background.
+"""The privileged pool manager: keeps warm containers of each kind (a lean one preloading
+the standard library, a full one preloading numpy and pandas), leases them one run at a
+time, and replaces every container whose run ended dirty in the background.
 
 It runs as root (LXC, cgroups) and does nothing else: no HTTP, no request parsing. It
 trusts nothing the front says beyond the channel's schema: a release of a container it
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from stockade.runner import control
-from stockade.runner.config import RunnerConfig
+from stockade.runner.config import FULL, Kind, RunnerConfig, kinds
 from stockade.runner.containers import ContainerError, Containers
 
 RETRY_DELAY_S = 1.0  # after a failed create, before the next attempt
@@ -30,10 +31,14 @@ def log(message: str) -> None:
 
 
 class Pool:
-    def __init__(self, config: RunnerConfig, containers: Containers) -> None:
-        self.config = config
+    """The containers of one kind."""
+
+    def __init__(self, kind: Kind, containers: Containers, lxc: ThreadPoolExecutor) -> None:
+        self.kind = kind
+        self.size = kind.size
         self.containers = containers
-        self.names = (f"{config.container_prefix}{n:05d}" for n in itertools.count(1))
+        prefix = containers.config.container_prefix
+        self.names = (f"{prefix}{kind.name}-{n:05d}" for n in itertools.count(1))
         self.idle: collections.deque[str] = collections.deque()
         self.leased: set[str] = set()
         self.starting = 0
@@ -44,15 +49,14 @@ class Pool:
         self.failing = False
         self.last_recycle_s = 0.0
         self.closing = False
-        # LXC calls block; one thread keeps them serialized (the bindings fork).
-        self.lxc = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lxc")
+        self.lxc = lxc
         self.tasks: set[asyncio.Task[None]] = set()
 
     # -- filling ---------------------------------------------------------------------------
 
     async def fill(self) -> None:
         """Start containers until the pool has its size; returns once all are up."""
-        missing = self.config.pool_size - len(self.idle) - len(self.leased) - self.starting
+        missing = self.size - len(self.idle) - len(self.leased) - self.starting
         await asyncio.gather(*(self._add() for _ in range(missing)))
         self.warm = True
 
@@ -62,7 +66,7 @@ class Pool:
             while not self.closing:
                 name = next(self.names)
                 try:
-                    await self._in_lxc(self.containers.start, name)
+                    await self._in_lxc(self._start, name)
                     await self._await_serving(name)
                 except ContainerError as exc:
                     self.create_failures += 1
@@ -89,6 +93,9 @@ class Pool:
                 waiter.set_result(name)
                 return
         self.idle.append(name)
+
+    def _start(self, name: str) -> None:
+        self.containers.start(name, self.kind.preload)
 
     async def _await_serving(self, name: str) -> None:
         """Wait for the zygote off the LXC thread, so other starts and stops go on."""
@@ -140,43 +147,6 @@ class Pool:
         except ContainerError as exc:
             log(f"cannot destroy {name}: {exc}")
 
-    def stats(self, request_id: int) -> control.PoolStats:
-        return control.PoolStats(
-            id=request_id, size=self.config.pool_size, idle=len(self.idle),
-            leased=len(self.leased), starting=self.starting, warm=self.warm,
-            recycled=self.recycled, create_failures=self.create_failures, failing=self.failing,
-            last_recycle_s=self.last_recycle_s)
-
-    # -- serving the front -----------------------------------------------------------------
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Answer the front until it goes away; then every container it held is dirty."""
-        held: set[str] = set()
-        try:
-            while True:
-                message = await control.read_front(reader)
-                if isinstance(message, control.Acquire):
-                    self._background(self._lease(message.id, held, writer))
-                elif isinstance(message, control.Release):
-                    if message.name in held:
-                        held.discard(message.name)
-                        self.release(message.name, message.dirty)
-                else:
-                    control.write(writer, self.stats(message.id))
-        except control.ChannelError as exc:
-            log(f"front channel closed: {exc}")
-        finally:
-            for name in held:
-                self.release(name, dirty=True)
-
-    async def _lease(self, request_id: int, held: set[str],
-                     writer: asyncio.StreamWriter) -> None:
-        name = await self.acquire()
-        held.add(name)
-        socket_path = str(self.containers.socket_path(name))
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            control.write(writer, control.Lease(request_id, name, socket_path))
-
     # -- shutdown --------------------------------------------------------------------------
 
     async def close(self) -> None:
@@ -195,4 +165,68 @@ class Pool:
                 await self._in_lxc(self.containers.destroy, name)
             except ContainerError as exc:
                 log(f"cannot destroy {name}: {exc}")
+
+
+class Manager:
+    """Serves the front over the channel: leases from the pool of the kind asked for."""
+
+    def __init__(self, config: RunnerConfig, containers: Containers) -> None:
+        self.containers = containers
+        # LXC calls block; one thread keeps them serialized (the bindings fork).
+        self.lxc = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lxc")
+        self.pools = {kind.name: Pool(kind, containers, self.lxc) for kind in kinds(config)}
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def fill(self) -> None:
+        await asyncio.gather(*(pool.fill() for pool in self.pools.values()))
+
+    def _pool(self, kind: str) -> Pool:
+        return self.pools.get(kind) or self.pools[FULL]
+
+    def stats(self, request_id: int) -> control.PoolStats:
+        pools = list(self.pools.values())
+        return control.PoolStats(
+            id=request_id, size=sum(p.size for p in pools), idle=sum(len(p.idle) for p in pools),
+            leased=sum(len(p.leased) for p in pools), starting=sum(p.starting for p in pools),
+            warm=all(p.warm for p in pools), recycled=sum(p.recycled for p in pools),
+            create_failures=sum(p.create_failures for p in pools),
+            failing=any(p.failing for p in pools),
+            last_recycle_s=max(p.last_recycle_s for p in pools))
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer the front until it goes away; then every container it held is dirty."""
+        held: dict[str, Pool] = {}
+        try:
+            while True:
+                message = await control.read_front(reader)
+                if isinstance(message, control.Acquire):
+                    task = asyncio.create_task(self._lease(message, held, writer))
+                    self.tasks.add(task)
+                    task.add_done_callback(self.tasks.discard)
+                elif isinstance(message, control.Release):
+                    pool = held.pop(message.name, None)
+                    if pool is not None:
+                        pool.release(message.name, message.dirty)
+                else:
+                    control.write(writer, self.stats(message.id))
+        except control.ChannelError as exc:
+            log(f"front channel closed: {exc}")
+        finally:
+            for name, pool in held.items():
+                pool.release(name, dirty=True)
+
+    async def _lease(self, message: control.Acquire, held: dict[str, Pool],
+                     writer: asyncio.StreamWriter) -> None:
+        pool = self._pool(message.kind)
+        name = await pool.acquire()
+        held[name] = pool
+        socket_path = str(self.containers.socket_path(name))
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            control.write(writer, control.Lease(message.id, name, socket_path))
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        for pool in self.pools.values():
+            await pool.close()
         self.lxc.shutdown(wait=True)

@@ -31,7 +31,7 @@ from stockade.runner.config import RunnerConfig
 from stockade.runner.containers import Containers, ensure_subid_ranges, remove_lxc_cgroups
 from stockade.runner.control import PoolClient
 from stockade.runner.metrics import Metrics
-from stockade.runner.pool import Pool, log
+from stockade.runner.pool import Manager, log
 from stockade.sandbox import libc
 
 
@@ -124,7 +124,7 @@ def serve(config: RunnerConfig) -> int:
 
 async def manager_main(config: RunnerConfig, containers: Containers, channel: socket.socket,
                        front_pid: int) -> int:
-    pool = Pool(config, containers)
+    pool = Manager(config, containers)
     reader, writer = await asyncio.open_unix_connection(sock=channel)
     loop = asyncio.get_running_loop()
 

@@ -229,6 +229,8 @@ class Zygote:
         try:
             raw, _ = protocol.receive(embryo.channel)
             return protocol.decode_init(raw) if raw else None
+        except ConnectionResetError:
+            return None  # died with our outbox message unread: the same as no report
         except (OSError, protocol.ProtocolError) as exc:
             return protocol.InitReport(error=f"unreadable report from the run's init: {exc}")
 
