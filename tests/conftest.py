@@ -114,6 +114,8 @@ def runner_leftovers(config: RunnerConfig) -> list[str]:
     pool_dir = config.pool_socket_dir
     if pool_dir.is_dir():
         found += [f"socket dir {p}" for p in pool_dir.iterdir()]
+    if Path(config.run_dir).exists():
+        found.append(f"run dir {config.run_dir}")
     prefix = config.container_prefix
     for hierarchy in Path("/sys/fs/cgroup").iterdir():
         for parent in (hierarchy, *(p for p in hierarchy.glob("*") if p.is_dir())):

@@ -4,6 +4,8 @@ within the caps, never through a symlink or a hard link the program planted."""
 from __future__ import annotations
 
 import base64
+import subprocess
+from collections.abc import Callable
 
 from conftest import Sandbox
 from support.service import RunnerProcess
@@ -68,3 +70,17 @@ def test_files_come_back_over_http(runner: RunnerProcess) -> None:
     assert result.status == "ok", result.stderr
     assert [(f.name, f.content, f.encoding) for f in result.files] == [
         ("result.csv", "A,B\n", "utf8")]
+
+
+def test_collecting_never_signals_outside_the_run(weak_sandbox: Callable[[str], Sandbox]) -> None:
+    """The collector kills the run's leftovers with kill(-1), which only a pid namespace's
+    init may do: a zygote configured without pid namespaces must not reach the host."""
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        box = weak_sandbox("pid")
+        result = box.run("import os\nos.mkdir('out')\nopen('out/f', 'w').write('x')")
+        assert names(result) == {"f": "x"}
+        assert bystander.poll() is None, "a host process was killed by the collector"
+    finally:
+        bystander.kill()
+        bystander.wait()

@@ -120,6 +120,9 @@ def serve(config: RunnerConfig) -> int:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
         remove_lxc_cgroups(config.container_prefix, prefix=True)
+        for directory in (config.pool_socket_dir, Path(config.run_dir)):
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only when empty: nothing of a container is left inside
 
 
 async def manager_main(config: RunnerConfig, containers: Containers, channel: socket.socket,

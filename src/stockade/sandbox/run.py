@@ -124,8 +124,10 @@ def collect_outputs(channel: socket.socket, plan: RunPlan) -> None:
         return
     outbox = _lift(fds[0])
     protocol.decode_outbox_message(raw)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(-1, signal.SIGKILL)  # as pid 1: every other process of this run
+    if os.getpid() == 1:  # kill(-1) reaches only this run's processes from its pid 1;
+        # anywhere else (a zygote configured without pid namespaces) it would reach the host
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(-1, signal.SIGKILL)
     confine.drop_identity(plan.root.run_uid, plan.root.run_gid)
     confine.drop_capabilities()
     collected = _Collector(plan.max_out_files, plan.max_out_bytes)
