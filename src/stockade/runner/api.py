@@ -23,7 +23,7 @@ from stockade.limits import Limits
 from stockade.result import Result, Status
 from stockade.runner import openapi, schema
 from stockade.runner.config import RunnerConfig, kind_for
-from stockade.runner.control import ChannelError, PoolClient
+from stockade.runner.control import ChannelError, Lease, PoolClient
 from stockade.runner.metrics import Metrics
 from stockade.runner.schema import ApiError
 from stockade.sandbox import client
@@ -36,14 +36,16 @@ def log(message: str) -> None:
     print(f"stockade-front: {message}", file=sys.stderr, flush=True)
 
 
-def _run_on(socket_path: str, job: client.Job, limits: Limits,
+def _run_on(lease: Lease, job: client.Job, limits: Limits,
             outputs: client.OutputCaps) -> Result:
-    try:
-        sock = client.connect(socket_path)
-    except OSError as exc:
-        return client.internal_error(f"cannot reach the container's zygote: {exc}")
-    with sock:
-        return client.run(sock, job, limits, outputs)
+    """In a worker thread: one run on the leased container's zygote, over the connection
+    the lease keeps open between runs (a zygote serves one connection at a time)."""
+    if lease.connection is None:
+        try:
+            lease.connection = client.connect(lease.socket_path)
+        except OSError as exc:
+            return client.internal_error(f"cannot reach the container's zygote: {exc}")
+    return client.run(lease.connection, job, limits, outputs)
 
 
 class Runs:
@@ -87,11 +89,11 @@ class Runs:
         dirty = True
         try:
             loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self.threads, _run_on, lease.socket, job, limits,
+            result = await loop.run_in_executor(self.threads, _run_on, lease, job, limits,
                                                 self.outputs)
             dirty = result.status != Status.OK
         finally:
-            self.pool.release(lease.name, dirty)
+            self.pool.release(lease, dirty)
             self.metrics.in_flight -= 1
             if self.metrics.in_flight == 0:
                 self.idle.set()
@@ -196,7 +198,7 @@ class Api:
             stats = await asyncio.wait_for(self.pool.stats(), 2.0)
         except (TimeoutError, ChannelError):
             raise ApiError(503, "unavailable", "the container pool does not answer") from None
-        live = stats.idle + stats.leased
+        live = self.pool.idle_count + self.pool.leased
         if not stats.warm:
             raise ApiError(503, "warming_up", f"{live} of {stats.size} containers are up")
         if stats.failing or live + stats.starting == 0:
@@ -208,8 +210,8 @@ class Api:
         pool: dict[str, float] = {}
         with contextlib.suppress(TimeoutError, ChannelError):
             stats = await asyncio.wait_for(self.pool.stats(), 2.0)
-            pool = {"pool_size": stats.size, "pool_idle": stats.idle,
-                    "pool_leased": stats.leased, "pool_starting": stats.starting,
+            pool = {"pool_size": stats.size, "pool_idle": self.pool.idle_count,
+                    "pool_leased": self.pool.leased, "pool_starting": stats.starting,
                     "pool_recycled_total": stats.recycled,
                     "pool_create_failures_total": stats.create_failures,
                     "pool_last_recycle_seconds": stats.last_recycle_s}

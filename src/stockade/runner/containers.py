@@ -94,9 +94,17 @@ class Containers:
                 ("lxc.cgroup2.pids.max", str(pids)),
                 ("lxc.cgroup2.cpu.max", f"{quota} {period}")]
 
+    def prepare_directories(self) -> None:
+        """The run and pool directories: containers may pass through the pool directory to
+        their own, but not list it. Idempotent; also repairs them if removed while up."""
+        Path(self.config.run_dir).mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.socket_root.mkdir(mode=0o711, exist_ok=True)
+        os.chmod(self.socket_root, 0o711)  # noqa: S103 - each container directory guards itself
+
     def _socket_dir(self, name: str, preload: list[str]) -> Path:
         """The container's only window to the host: its zygote's config and socket. Owned
         by the container's root; only the runner's group may enter besides."""
+        self.prepare_directories()
         directory = self.socket_root / name
         images.remove_tree(directory)
         directory.mkdir(mode=0o710)

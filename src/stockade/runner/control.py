@@ -1,47 +1,48 @@
-"""The channel between the privileged pool manager and the unprivileged HTTP front.
+"""The channel between the privileged pool manager and the unprivileged HTTP front, and the
+front's side of the pool.
 
-One line of typed JSON per message, capped in size, over a socketpair. The front can only
-ask for a container, give one back (saying whether its run ended clean) and read the pool's
-counters; it can never name a container the manager did not lease to it.
+The manager hands each container it starts to the front (`Ready`); the front leases them to
+runs itself, with no round trip, and hands back only the ones a run left dirty
+(`Recycle`). One line of typed JSON per message, capped in size, over a socketpair. The
+front can never name a container the manager did not hand it: such a Recycle is ignored.
+If the front goes away, the manager destroys everything it had handed over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
-from typing import Literal
+import socket
+from dataclasses import dataclass, field
 
 import msgspec
 
 MAX_LINE = 4096
 
 
-class Acquire(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="acquire"):
-    id: int
-    kind: str  # which pool; an unknown kind gets the full pool
+class Ready(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="ready"):
+    """Manager to front: this container's zygote serves; it is the front's until recycled."""
 
-
-class Release(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="release"):
     name: str
-    dirty: bool
+    kind: str
+    socket: str
+
+
+class Recycle(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="recycle"):
+    """Front to manager: a run left this container dirty; destroy and replace it."""
+
+    name: str
 
 
 class StatsRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="stats"):
     id: int
 
 
-class Lease(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="lease"):
-    id: int
-    name: str
-    socket: str
-
-
 class PoolStats(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="pool_stats"):
     id: int
     size: int
-    idle: int
-    leased: int
     starting: int
     warm: bool  # every container of the pool has been up at least once
     recycled: int
@@ -50,18 +51,14 @@ class PoolStats(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="po
     last_recycle_s: float
 
 
-FrontMessage = Acquire | Release | StatsRequest
-ManagerMessage = Lease | PoolStats
+FrontMessage = Recycle | StatsRequest
+ManagerMessage = Ready | PoolStats
 _front_decoder = msgspec.json.Decoder(FrontMessage)
 _manager_decoder = msgspec.json.Decoder(ManagerMessage)
 
 
 class ChannelError(RuntimeError):
     """The other side sent something outside the schema, or went away."""
-
-
-def _encode(message: msgspec.Struct) -> bytes:
-    return msgspec.json.encode(message) + b"\n"
 
 
 async def _read(reader: asyncio.StreamReader, decoder: msgspec.json.Decoder[object]) -> object:
@@ -82,17 +79,38 @@ async def read_front(reader: asyncio.StreamReader) -> FrontMessage:
 
 
 def write(writer: asyncio.StreamWriter, message: msgspec.Struct) -> None:
-    writer.write(_encode(message))
+    writer.write(msgspec.json.encode(message) + b"\n")
+
+
+@dataclass(eq=False)
+class Lease:
+    """A container the front holds, with the connection to its zygote once one is made."""
+
+    name: str
+    kind: str
+    socket_path: str
+    connection: socket.socket | None = field(default=None, repr=False)
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
 
 
 class PoolClient:
-    """The front's side: acquire/release containers, read the pool's counters."""
+    """The front's side: idle containers by kind, leased locally; dirty ones go back."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 kinds: list[str]) -> None:
         self.reader = reader
         self.writer = writer
+        self.kinds = kinds
+        self.idle: dict[str, collections.deque[Lease]] = {k: collections.deque() for k in kinds}
+        self.waiters: dict[str, collections.deque[asyncio.Future[Lease]]] = {
+            k: collections.deque() for k in kinds}
+        self.leased = 0
         self.ids = itertools.count(1)
-        self.waiting: dict[int, asyncio.Future[Lease | PoolStats]] = {}
+        self.asked: dict[int, asyncio.Future[PoolStats]] = {}
         self.closed = asyncio.get_running_loop().create_future()
         self.task = asyncio.create_task(self._dispatch())
 
@@ -100,41 +118,69 @@ class PoolClient:
         try:
             while True:
                 message = await _read(self.reader, _manager_decoder)
-                assert isinstance(message, Lease | PoolStats)
-                future = self.waiting.pop(message.id, None)
-                if future is not None and not future.done():
-                    future.set_result(message)
-                elif isinstance(message, Lease):
-                    self.release(message.name, dirty=False)  # its asker gave up: give it back
+                if isinstance(message, Ready):
+                    self._give(Lease(message.name, message.kind, message.socket))
+                elif isinstance(message, PoolStats):
+                    future = self.asked.pop(message.id, None)
+                    if future is not None and not future.done():
+                        future.set_result(message)
         except ChannelError as exc:
-            for future in self.waiting.values():
+            for future in self.asked.values():
                 if not future.done():
                     future.set_exception(exc)
             if not self.closed.done():
                 self.closed.set_result(str(exc))
 
-    async def _ask(self, message: Acquire | StatsRequest, kind: Literal["lease", "stats"]
-                   ) -> Lease | PoolStats:
+    def _give(self, lease: Lease) -> None:
+        kind = lease.kind if lease.kind in self.idle else self.kinds[0]
+        waiters = self.waiters[kind]
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                self.leased += 1
+                waiter.set_result(lease)
+                return
+        self.idle[kind].append(lease)
+
+    async def acquire(self, kind: str) -> Lease:
+        """An idle container of `kind` (the first kind if it has none configured)."""
         if self.closed.done():
             raise ChannelError(f"the pool manager is gone: {self.closed.result()}")
-        future: asyncio.Future[Lease | PoolStats] = asyncio.get_running_loop().create_future()
-        self.waiting[message.id] = future
-        write(self.writer, message)
+        kind = kind if kind in self.idle else self.kinds[0]
+        if self.idle[kind]:
+            self.leased += 1
+            return self.idle[kind].popleft()
+        waiter: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        self.waiters[kind].append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # given, then given up on
+                self.leased -= 1
+                self._give(waiter.result())
+            raise
+
+    def release(self, lease: Lease, dirty: bool) -> None:
+        self.leased -= 1
+        if not dirty:
+            self._give(lease)
+            return
+        lease.close()
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            write(self.writer, Recycle(lease.name))
+
+    @property
+    def idle_count(self) -> int:
+        return sum(len(idle) for idle in self.idle.values())
+
+    async def stats(self) -> PoolStats:
+        if self.closed.done():
+            raise ChannelError(f"the pool manager is gone: {self.closed.result()}")
+        request = StatsRequest(next(self.ids))
+        future: asyncio.Future[PoolStats] = asyncio.get_running_loop().create_future()
+        self.asked[request.id] = future
+        write(self.writer, request)
         try:
             return await future
         finally:
-            self.waiting.pop(message.id, None)
-
-    async def acquire(self, kind: str) -> Lease:
-        lease = await self._ask(Acquire(next(self.ids), kind), "lease")
-        assert isinstance(lease, Lease)
-        return lease
-
-    def release(self, name: str, dirty: bool) -> None:
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            write(self.writer, Release(name, dirty))
-
-    async def stats(self) -> PoolStats:
-        stats = await self._ask(StatsRequest(next(self.ids)), "stats")
-        assert isinstance(stats, PoolStats)
-        return stats
+            self.asked.pop(request.id, None)

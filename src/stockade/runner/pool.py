@@ -1,16 +1,15 @@
 """The privileged pool manager: keeps warm containers of each kind (a lean one preloading
-the standard library, a full one preloading numpy and pandas), leases them one run at a
-time, and replaces every container whose run ended dirty in the background.
+the standard library, a full one preloading numpy and pandas), hands each to the front as
+soon as its zygote serves, and replaces every container the front hands back dirty.
 
 It runs as root (LXC, cgroups) and does nothing else: no HTTP, no request parsing. It
-trusts nothing the front says beyond the channel's schema: a release of a container it
-did not lease is ignored, and if the front goes away every leased container is recycled.
+trusts nothing the front says beyond the channel's schema: a recycle of a container it
+did not hand over is ignored, and if the front goes away every container is destroyed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import itertools
 import sys
@@ -20,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from stockade.runner import control
-from stockade.runner.config import FULL, Kind, RunnerConfig, kinds
+from stockade.runner.config import Kind, RunnerConfig, kinds
 from stockade.runner.containers import ContainerError, Containers
 
 RETRY_DELAY_S = 1.0  # after a failed create, before the next attempt
@@ -33,30 +32,28 @@ def log(message: str) -> None:
 class Pool:
     """The containers of one kind."""
 
-    def __init__(self, kind: Kind, containers: Containers, lxc: ThreadPoolExecutor) -> None:
+    def __init__(self, kind: Kind, containers: Containers, lxc: ThreadPoolExecutor,
+                 announce: Callable[[Pool, str], None]) -> None:
         self.kind = kind
         self.size = kind.size
         self.containers = containers
+        self.lxc = lxc
+        self.announce = announce
         prefix = containers.config.container_prefix
         self.names = (f"{prefix}{kind.name}-{n:05d}" for n in itertools.count(1))
-        self.idle: collections.deque[str] = collections.deque()
-        self.leased: set[str] = set()
+        self.live: set[str] = set()  # handed to the front
         self.starting = 0
-        self.waiters: collections.deque[asyncio.Future[str]] = collections.deque()
         self.warm = False
         self.recycled = 0
         self.create_failures = 0
         self.failing = False
         self.last_recycle_s = 0.0
         self.closing = False
-        self.lxc = lxc
         self.tasks: set[asyncio.Task[None]] = set()
-
-    # -- filling ---------------------------------------------------------------------------
 
     async def fill(self) -> None:
         """Start containers until the pool has its size; returns once all are up."""
-        missing = self.size - len(self.idle) - len(self.leased) - self.starting
+        missing = self.size - len(self.live) - self.starting
         await asyncio.gather(*(self._add() for _ in range(missing)))
         self.warm = True
 
@@ -68,7 +65,7 @@ class Pool:
                 try:
                     await self._in_lxc(self._start, name)
                     await self._await_serving(name)
-                except ContainerError as exc:
+                except Exception as exc:  # the pool must outlive any one failed start
                     self.create_failures += 1
                     self.failing = True
                     log(f"cannot start {name}: {exc}")
@@ -80,19 +77,11 @@ class Pool:
                     return
                 if replacing_since is not None:
                     self.last_recycle_s = time.monotonic() - replacing_since
-                self._give(name)
+                self.live.add(name)
+                self.announce(self, name)
                 return
         finally:
             self.starting -= 1
-
-    def _give(self, name: str) -> None:
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                self.leased.add(name)
-                waiter.set_result(name)
-                return
-        self.idle.append(name)
 
     def _start(self, name: str) -> None:
         self.containers.start(name, self.kind.preload)
@@ -115,51 +104,29 @@ class Pool:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    # -- leasing ---------------------------------------------------------------------------
-
-    async def acquire(self) -> str:
-        if self.idle:
-            name = self.idle.popleft()
-            self.leased.add(name)
-            return name
-        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.waiters.append(waiter)
-        return await waiter
-
-    def release(self, name: str, dirty: bool) -> None:
-        if name not in self.leased:
-            log(f"ignored a release of {name!r}, which is not leased")
-            return
-        self.leased.discard(name)
-        if dirty or self.closing:
-            self._background(self._recycle(name))
-        else:
-            self._give(name)
-
-    async def _recycle(self, name: str) -> None:
-        since = time.monotonic()
+    def recycle(self, name: str) -> None:
+        """Replace a container a run left dirty: the replacement starts first."""
+        self.live.discard(name)
         self.recycled += 1
+        since = time.monotonic()
         if not self.closing:
             self._background(self._add(replacing_since=since))
-            await asyncio.sleep(0)  # let the replacement reach the LXC thread first
+        self._background(self._destroy(name))
+
+    async def _destroy(self, name: str) -> None:
+        await asyncio.sleep(0)  # let a replacement reach the LXC thread first
         try:
             await self._in_lxc(self.containers.destroy, name)
         except ContainerError as exc:
             log(f"cannot destroy {name}: {exc}")
 
-    # -- shutdown --------------------------------------------------------------------------
-
     async def close(self) -> None:
-        """Destroy every container of the pool (leased ones too: the front is gone)."""
+        """Destroy every container of the pool (handed-over ones too: the front is gone)."""
         self.closing = True
-        for waiter in self.waiters:
-            waiter.cancel()
         for task in list(self.tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        names = [*self.idle, *self.leased]
-        self.idle.clear()
-        self.leased.clear()
+        names, self.live = sorted(self.live), set()
         for name in names:
             try:
                 await self._in_lxc(self.containers.destroy, name)
@@ -168,65 +135,54 @@ class Pool:
 
 
 class Manager:
-    """Serves the front over the channel: leases from the pool of the kind asked for."""
+    """Hands containers to the front over the channel and takes back the dirty ones."""
 
-    def __init__(self, config: RunnerConfig, containers: Containers) -> None:
+    def __init__(self, config: RunnerConfig, containers: Containers,
+                 writer: asyncio.StreamWriter) -> None:
         self.containers = containers
+        self.writer = writer
         # LXC calls block; one thread keeps them serialized (the bindings fork).
         self.lxc = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lxc")
-        self.pools = {kind.name: Pool(kind, containers, self.lxc) for kind in kinds(config)}
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.pools = [Pool(kind, containers, self.lxc, self._announce)
+                      for kind in kinds(config)]
+        self.owner: dict[str, Pool] = {}
+
+    def _announce(self, pool: Pool, name: str) -> None:
+        self.owner[name] = pool
+        socket_path = str(self.containers.socket_path(name))
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            control.write(self.writer, control.Ready(name, pool.kind.name, socket_path))
 
     async def fill(self) -> None:
-        await asyncio.gather(*(pool.fill() for pool in self.pools.values()))
-
-    def _pool(self, kind: str) -> Pool:
-        return self.pools.get(kind) or self.pools[FULL]
+        await asyncio.gather(*(pool.fill() for pool in self.pools))
 
     def stats(self, request_id: int) -> control.PoolStats:
-        pools = list(self.pools.values())
         return control.PoolStats(
-            id=request_id, size=sum(p.size for p in pools), idle=sum(len(p.idle) for p in pools),
-            leased=sum(len(p.leased) for p in pools), starting=sum(p.starting for p in pools),
-            warm=all(p.warm for p in pools), recycled=sum(p.recycled for p in pools),
-            create_failures=sum(p.create_failures for p in pools),
-            failing=any(p.failing for p in pools),
-            last_recycle_s=max(p.last_recycle_s for p in pools))
+            id=request_id, size=sum(p.size for p in self.pools),
+            starting=sum(p.starting for p in self.pools),
+            warm=all(p.warm for p in self.pools),
+            recycled=sum(p.recycled for p in self.pools),
+            create_failures=sum(p.create_failures for p in self.pools),
+            failing=any(p.failing for p in self.pools),
+            last_recycle_s=max(p.last_recycle_s for p in self.pools))
 
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Answer the front until it goes away; then every container it held is dirty."""
-        held: dict[str, Pool] = {}
+    async def serve(self, reader: asyncio.StreamReader) -> None:
+        """Answer the front until it goes away."""
         try:
             while True:
                 message = await control.read_front(reader)
-                if isinstance(message, control.Acquire):
-                    task = asyncio.create_task(self._lease(message, held, writer))
-                    self.tasks.add(task)
-                    task.add_done_callback(self.tasks.discard)
-                elif isinstance(message, control.Release):
-                    pool = held.pop(message.name, None)
-                    if pool is not None:
-                        pool.release(message.name, message.dirty)
+                if isinstance(message, control.Recycle):
+                    pool = self.owner.pop(message.name, None)
+                    if pool is None:
+                        log(f"ignored a recycle of {message.name!r}, never handed over")
+                    else:
+                        pool.recycle(message.name)
                 else:
-                    control.write(writer, self.stats(message.id))
+                    control.write(self.writer, self.stats(message.id))
         except control.ChannelError as exc:
             log(f"front channel closed: {exc}")
-        finally:
-            for name, pool in held.items():
-                pool.release(name, dirty=True)
-
-    async def _lease(self, message: control.Acquire, held: dict[str, Pool],
-                     writer: asyncio.StreamWriter) -> None:
-        pool = self._pool(message.kind)
-        name = await pool.acquire()
-        held[name] = pool
-        socket_path = str(self.containers.socket_path(name))
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            control.write(writer, control.Lease(message.id, name, socket_path))
 
     async def close(self) -> None:
-        for task in list(self.tasks):
-            task.cancel()
-        for pool in self.pools.values():
+        for pool in self.pools:
             await pool.close()
         self.lxc.shutdown(wait=True)

@@ -27,7 +27,7 @@ from aiohttp import web
 
 from stockade.runner import images
 from stockade.runner.api import Api, Runs
-from stockade.runner.config import RunnerConfig
+from stockade.runner.config import RunnerConfig, kinds
 from stockade.runner.containers import Containers, ensure_subid_ranges, remove_lxc_cgroups
 from stockade.runner.control import PoolClient
 from stockade.runner.metrics import Metrics
@@ -57,13 +57,8 @@ def prepare_host(config: RunnerConfig) -> tuple[Containers, pwd.struct_passwd]:
     user = ensure_user(config.user)
     ensure_subid_ranges(config)
     images.build(config)
-    run_dir = Path(config.run_dir)
-    run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    pool_dir = config.pool_socket_dir
-    # Containers must pass through to their own directory: no listing, only traversal.
-    pool_dir.mkdir(mode=0o711, exist_ok=True)
-    os.chmod(pool_dir, 0o711)  # noqa: S103 - each container directory guards itself
     containers = Containers(config, runner_gid=user.pw_gid)
+    containers.prepare_directories()
     left = containers.reconcile()
     if left:
         log(f"removed {len(left)} containers a previous runner left: {', '.join(left)}")
@@ -127,8 +122,8 @@ def serve(config: RunnerConfig) -> int:
 
 async def manager_main(config: RunnerConfig, containers: Containers, channel: socket.socket,
                        front_pid: int) -> int:
-    pool = Manager(config, containers)
     reader, writer = await asyncio.open_unix_connection(sock=channel)
+    pool = Manager(config, containers, writer)
     loop = asyncio.get_running_loop()
 
     def stop(signum: int) -> None:
@@ -139,8 +134,15 @@ async def manager_main(config: RunnerConfig, containers: Containers, channel: so
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop, signum)
     filling = asyncio.create_task(pool.fill())
+
+    def fill_ended(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log(f"the pool cannot fill, stopping: {task.exception()!r}")
+            stop(signal.SIGTERM)
+
+    filling.add_done_callback(fill_ended)
     try:
-        await pool.serve(reader, writer)  # until the front is gone
+        await pool.serve(reader)  # until the front is gone
     finally:
         filling.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -156,7 +158,7 @@ async def manager_main(config: RunnerConfig, containers: Containers, channel: so
 async def front_main(config: RunnerConfig, channel: socket.socket, listener: socket.socket,
                      python: str) -> int:
     reader, writer = await asyncio.open_unix_connection(sock=channel)
-    pool = PoolClient(reader, writer)
+    pool = PoolClient(reader, writer, [kind.name for kind in kinds(config)])
     metrics = Metrics()
     runs = Runs(config, pool, metrics)
     app = Api(config, runs, pool, metrics, python).app()
