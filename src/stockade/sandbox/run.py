@@ -80,7 +80,7 @@ def init_main(channel: socket.socket, go: socket.socket, cgroup_procs: list[int]
         go.close()
         os.close(err_w)
         report = _wait_for(pid, err_r)
-        if report.wait_status is not None:
+        if report.wait_status is not None and _has_out_dir():
             collect_outputs(channel, plan)
         _init_exit(channel, report)
     except BaseException as exc:
@@ -104,6 +104,15 @@ def _wait_for(pid: int, err_r: int) -> protocol.InitReport:
     if error:
         return protocol.InitReport(error=f"confinement failed: {error}")
     return protocol.InitReport(wait_status=status)
+
+
+def _has_out_dir() -> bool:
+    """Most programs leave no out/: then there is nothing to kill, drop or walk (a daemon
+    that makes one later dies with this init, its files uncollected)."""
+    try:
+        return stat.S_ISDIR(os.lstat(f"{WORKDIR}/{protocol.OUT_DIR}").st_mode)
+    except OSError:
+        return False
 
 
 def collect_outputs(channel: socket.socket, plan: RunPlan) -> None:
