@@ -78,3 +78,14 @@ def test_large_output_within_the_cap_arrives_whole(sandbox: Sandbox) -> None:
     code = "import sys\nfor _ in range(64): sys.stdout.write('y' * 16384)\nsys.stdout.flush()"
     result = sandbox.run(code, output_kib=1024)
     assert result.status == "ok" and result.stdout == "y" * (64 * 16384), result.message
+
+
+def test_runs_that_leave_processes_behind_always_get_their_status(sandbox: Sandbox) -> None:
+    """Found by the soak: the run's init must read everything the zygote sent it before
+    exiting, or the zygote's read of its report fails (ECONNRESET) and a clean run became
+    an internal_error, at random."""
+    daemon = "import os\nif os.fork() == 0:\n    import time; time.sleep(600)"
+    bomb = "import os\nwhile True: os.fork()"
+    for _ in range(25):
+        assert sandbox.run(daemon).status == "ok"
+        assert sandbox.run(bomb).status == "runtime_error"

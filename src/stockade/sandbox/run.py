@@ -80,8 +80,11 @@ def init_main(channel: socket.socket, go: socket.socket, cgroup_procs: list[int]
         go.close()
         os.close(err_w)
         report = _wait_for(pid, err_r)
-        if report.wait_status is not None and _has_out_dir():
-            collect_outputs(channel, plan)
+        outbox = _take_outbox(channel)
+        if outbox is not None and report.wait_status is not None and _has_out_dir():
+            collect_outputs(outbox, plan)
+        elif outbox is not None:
+            os.close(outbox)
         _init_exit(channel, report)
     except BaseException as exc:
         _init_exit(channel, protocol.InitReport(error=f"run init failed: {exc}"))
@@ -89,6 +92,9 @@ def init_main(channel: socket.socket, go: socket.socket, cgroup_procs: list[int]
 
 def _init_exit(channel: socket.socket, report: protocol.InitReport) -> None:
     try:
+        outbox = _take_outbox(channel)  # on the error paths: see _take_outbox
+        if outbox is not None:
+            os.close(outbox)
         protocol.send(channel, report)
     finally:
         os._exit(0)
@@ -115,24 +121,34 @@ def _has_out_dir() -> bool:
         return False
 
 
-def collect_outputs(channel: socket.socket, plan: RunPlan) -> None:
+def _take_outbox(channel: socket.socket) -> int | None:
+    """Read the zygote's outbox message, if it came. Always, before init exits: a unix
+    socket closed with unread data resets its peer, and the peer's next read then fails
+    with ECONNRESET even though this init's report is queued before it."""
+    channel.setblocking(False)
+    try:
+        raw, fds = protocol.receive(channel, max_fds=1)
+    except (BlockingIOError, protocol.ProtocolError):
+        return None
+    finally:
+        channel.setblocking(True)
+    if not fds:
+        return None
+    try:
+        protocol.decode_outbox_message(raw)
+    except protocol.ProtocolError:
+        os.close(fds[0])
+        return None
+    return _lift(fds[0])
+
+
+def collect_outputs(outbox: int, plan: RunPlan) -> None:
     """Bring back the regular files the program left under out/, into the client's outbox.
 
     Whatever the program left running is killed first, so nothing changes underneath; then
     init takes the run's own uid (no capability, no more rights than the program had) and
     walks out/ one directory descriptor at a time, never following a symlink, never
     reading a hard-linked file, a FIFO or a device."""
-    channel.setblocking(False)
-    try:
-        raw, fds = protocol.receive(channel, max_fds=1)
-    except (BlockingIOError, protocol.ProtocolError):
-        return  # no outbox was given: nobody wants the files
-    finally:
-        channel.setblocking(True)
-    if not fds:
-        return
-    outbox = _lift(fds[0])
-    protocol.decode_outbox_message(raw)
     if os.getpid() == 1:  # kill(-1) reaches only this run's processes from its pid 1;
         # anywhere else (a zygote configured without pid namespaces) it would reach the host
         with contextlib.suppress(ProcessLookupError):
