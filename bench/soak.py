@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from support.service import NginxProcess, RunnerProcess, runner_config
 
 CLIENTS = 6
+WARMUP_S = 15.0
 RSS_SLACK_MIB = 8.0  # allocator noise; a leak grows without bound over 10 minutes
 MIX = [
     ("hello", {"code": "print('hi')"}, "ok"),
@@ -95,6 +96,9 @@ def main() -> int:
     proxy = NginxProcess(config, 18281)
     proxy.start()
     try:
+        # Warm up first: the front keeps a connection per zygote and nginx keeps idle
+        # upstream connections, so the steady state has a few more fds than a cold start.
+        load(proxy, WARMUP_S)
         settle(runner)
         before = footprint(runner)
         outcomes, wrong = load(proxy, args.seconds)
