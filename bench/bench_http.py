@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from support.service import NginxProcess, RunnerProcess, runner_config
+from support.service import NginxProcess, RunnerProcess, runner_config, serving
 
 BARE = ["/usr/bin/python3", "-S", "-c", "pass"]
 HELLO = json.dumps({"code": "print('hello')"}).encode()
@@ -141,17 +141,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
     config = runner_config(18180, "stockade-b-", pool_size=2, queue_limit=64)
-    runner = RunnerProcess(config)
-    runner.start()
-    proxy = NginxProcess(config, 18181)
-    proxy.start()
-    try:
+    with serving(config, 18181) as (runner, proxy):
         results = {**idle_memory(runner), **latency(runner, proxy, args.rounds),
                    **throughput(runner, args.seconds), **recycle(runner, 5)}
-    finally:
-        proxy.stop()
-        runner.stop()
-        runner.close()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "http.json").write_text(json.dumps(results, indent=2))
     for name, value in results.items():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from support.service import NginxProcess, RunnerProcess, runner_config
+from support.service import NginxProcess, RunnerProcess, runner_config, serving
 
 CLIENTS = 6
 WARMUP_S = 15.0
@@ -91,11 +91,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=600.0)
     args = parser.parse_args()
     config = runner_config(18280, "stockade-s-", pool_size=2, queue_limit=32)
-    runner = RunnerProcess(config)
-    runner.start()
-    proxy = NginxProcess(config, 18281)
-    proxy.start()
-    try:
+    with serving(config, 18281) as (runner, proxy):
         # Warm up first: the front keeps a connection per zygote and nginx keeps idle
         # upstream connections, so the steady state has a few more fds than a cold start.
         load(proxy, WARMUP_S)
@@ -104,10 +100,6 @@ def main() -> int:
         outcomes, wrong = load(proxy, args.seconds)
         settle(runner)
         after = footprint(runner)
-    finally:
-        proxy.stop()
-        runner.stop()
-        runner.close()
     print(json.dumps({"outcomes": outcomes, "before": before, "after": after}, indent=2))
     problems = list(wrong[:10])
     for key in ("containers", "cgroups", "manager_fds", "front_fds"):

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from battery import Context, host_context
 from stockade.limits import LimitPolicy, Limits
 from stockade.result import Result
 from stockade.runner.config import RunnerConfig
@@ -73,6 +74,13 @@ class Sandbox:
     def close(self) -> None:
         self.sock.close()
         self.process.stop()
+
+
+@pytest.fixture(scope="session")
+def ctx() -> Iterator[Context]:
+    """Listeners and objects on the host that the battery's probes try to reach."""
+    with host_context() as context:
+        yield context
 
 
 @pytest.fixture(scope="session")

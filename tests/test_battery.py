@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
-from battery import BATTERY, Context, Probe, host_context
+from battery import BATTERY, Context, Probe
 from conftest import Sandbox
-
-
-@pytest.fixture(scope="module")
-def ctx() -> Iterator[Context]:
-    with host_context() as context:
-        yield context
 
 
 @pytest.mark.parametrize("probe", BATTERY, ids=[p.name for p in BATTERY])

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
-from battery import BY_NAME, Context, host_context
+from battery import BY_NAME, Context
 from conftest import Sandbox
 from test_leftovers import leftovers_seen
 
@@ -29,11 +29,6 @@ NOTICED_BY = {
     "pids": ["fork_until_refused"],
 }
 
-
-@pytest.fixture(scope="module")
-def ctx() -> Iterator[Context]:
-    with host_context() as context:
-        yield context
 
 
 @pytest.mark.parametrize("layer", sorted(NOTICED_BY))

@@ -3,18 +3,10 @@ probe gets its exact status or error, and the pool serves a clean run after ever
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
-from battery import BATTERY, Context, Probe, host_context
+from battery import BATTERY, Context, Probe
 from support.service import RunnerProcess
-
-
-@pytest.fixture(scope="module")
-def ctx() -> Iterator[Context]:
-    with host_context() as context:
-        yield context
 
 
 @pytest.mark.parametrize("probe", BATTERY, ids=[p.name for p in BATTERY])

@@ -43,14 +43,19 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """FILE, the limit flags and --json: what `exec` and `run` share."""
+    parser.add_argument("file", metavar="FILE", help="Python program to run")
+    for flag, dest, kind, metavar, text in LIMIT_FLAGS:
+        parser.add_argument(flag, dest=dest, type=kind, metavar=metavar, help=text)
+    parser.add_argument("--json", action="store_true", help="print one result record as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="stockade", description="Run untrusted code, confined.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ex = sub.add_parser("exec", help="run FILE once, confined, on this host (needs root)")
-    ex.add_argument("file", metavar="FILE", help="Python program to run")
-    for flag, dest, kind, metavar, text in LIMIT_FLAGS:
-        ex.add_argument(flag, dest=dest, type=kind, metavar=metavar, help=text)
-    ex.add_argument("--json", action="store_true", help="print one result record as JSON")
+    _add_run_arguments(ex)
     ex.add_argument("--preload", default="", metavar="MODULES",
                     help="comma-separated modules to import before forking (e.g. numpy,pandas)")
     ex.add_argument("--uid", type=int, default=61000, help="unprivileged uid the run uses")
@@ -60,11 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--config", metavar="FILE", help=f"JSON config (default {DEFAULT_CONFIG})")
 
     rn = sub.add_parser("run", help="run FILE on a stockade runner over HTTP")
-    rn.add_argument("file", metavar="FILE", help="Python program to run")
+    _add_run_arguments(rn)
     rn.add_argument("--stdin", metavar="F", help="file whose content is the program's stdin")
-    for flag, dest, kind, metavar, text in LIMIT_FLAGS:
-        rn.add_argument(flag, dest=dest, type=kind, metavar=metavar, help=text)
-    rn.add_argument("--json", action="store_true", help="print one result record as JSON")
     rn.add_argument("--url", default="http://127.0.0.1:8080", help="the runner's base URL")
 
     im = sub.add_parser("images", help="manage the sandbox container image (root)")

@@ -169,11 +169,7 @@ def decode_outbox(raw: bytes, max_files: int, max_bytes: int) -> OutboxContent:
         raise ProtocolError(f"more than {max_files} output files")
     if sum(len(f.content) for f in outbox.files) > max_bytes:
         raise ProtocolError(f"output files over {max_bytes} bytes")
-    names = [f.name for f in outbox.files]
-    for name in names:
-        check_file_name(name)
-    if len(set(names)) != len(names):
-        raise ProtocolError("duplicate output file names")
+    check_file_names([f.name for f in outbox.files])
     return outbox
 
 
@@ -195,7 +191,10 @@ def check_payload(payload: Payload) -> None:
         raise ProtocolError(f"at most {MAX_ARGS} args of {MAX_ARG_LENGTH} characters each")
     if len(payload.files) > MAX_FILES:
         raise ProtocolError(f"at most {MAX_FILES} files")
-    names = [f.name for f in payload.files]
+    check_file_names([f.name for f in payload.files])
+
+
+def check_file_names(names: list[str]) -> None:
     for name in names:
         check_file_name(name)
     if len(set(names)) != len(names):

@@ -3,6 +3,7 @@ front, LXC pool) and nginx in front of it, each on loopback ports of its own."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +161,24 @@ class RunnerProcess(Client):
 
     def close(self) -> None:
         self.dir.cleanup()
+
+
+@contextlib.contextmanager
+def serving(config: RunnerConfig, nginx_port: int) -> Iterator[tuple[RunnerProcess,
+                                                                    NginxProcess]]:
+    """A runner and nginx in front of it, both stopped (and cleaned) on the way out."""
+    runner = RunnerProcess(config)
+    runner.start()
+    try:
+        proxy = NginxProcess(config, nginx_port)
+        proxy.start()
+        try:
+            yield runner, proxy
+        finally:
+            proxy.stop()
+    finally:
+        runner.stop()
+        runner.close()
 
 
 class NginxProcess(Client):
