@@ -123,7 +123,6 @@ def run(sock: socket.socket, job: Job, limits: Limits,
     stdout, stderr = streams[out_r], streams[err_r]
     status, message = judge(outcome, limits, stdout.over or stderr.over)
     return Result(
-        files=files, files_truncated=files_truncated,
         status=status,
         exit_code=outcome.exit_code,
         signal=signal_name(outcome.signal) if outcome.signal is not None else None,
@@ -131,6 +130,7 @@ def run(sock: socket.socket, job: Job, limits: Limits,
         stdout_truncated=stdout.over, stderr_truncated=stderr.over,
         cpu_time_s=outcome.cpu_time_s, wall_time_s=outcome.wall_time_s,
         memory_peak_kib=outcome.memory_peak_kib, message=message,
+        files=files, files_truncated=files_truncated,
     )
 
 

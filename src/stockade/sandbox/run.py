@@ -15,6 +15,7 @@ import builtins
 import contextlib
 import ctypes
 import fcntl
+import itertools
 import os
 import signal
 import socket
@@ -32,6 +33,7 @@ from stockade.limits import Limits
 from stockade.sandbox import confine, libc
 from stockade.sandbox.config import WORKDIR
 
+MAX_OUT_ENTRIES = 4096  # directory entries the out/ collector looks at, at most
 SETUP_FAILED = 125  # the worker's exit code when confinement failed (the pipe says why)
 MAX_ERROR = 4000
 
@@ -176,14 +178,20 @@ class _Collector:
         self.truncated = False
         self.max_files = max_files
         self.budget = max_bytes
+        # Names looked at, in all: a tmpfs holds millions of empty files in a few MiB.
+        self.entries_left = MAX_OUT_ENTRIES
 
     def walk(self, directory: int, prefix: str, depth: int) -> None:
         try:
-            names = sorted(os.listdir(directory))
+            with os.scandir(directory) as entries:
+                names = sorted(e.name for e in itertools.islice(entries, self.entries_left + 1))
         except OSError:
             self.truncated = True
             names = []
-        for name in names:
+        if len(names) > self.entries_left:
+            self.truncated = True
+        for name in names[:self.entries_left]:
+            self.entries_left -= 1
             self._entry(directory, name, f"{prefix}{name}", depth)
         os.close(directory)
 
