@@ -86,19 +86,22 @@ class Runs:
             self.metrics.queue_depth -= 1
         self.metrics.in_flight += 1
         self.idle.clear()
-        dirty = True
-        try:
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self.threads, _run_on, lease, job, limits,
-                                                self.outputs)
-            dirty = result.status != Status.OK
-        finally:
-            self.pool.release(lease, dirty)
-            self.metrics.in_flight -= 1
-            if self.metrics.in_flight == 0:
-                self.idle.set()
+        loop = asyncio.get_running_loop()
+        running = loop.run_in_executor(self.threads, _run_on, lease, job, limits, self.outputs)
+        # The container goes back when its run has ended in its thread, not when this
+        # request does: a cancelled request must not close a connection still in use.
+        running.add_done_callback(lambda done: self._ended(lease, done))
+        result = await asyncio.shield(running)
         self.metrics.observe_run(result.status, time.monotonic() - started)
         return result
+
+    def _ended(self, lease: Lease, done: asyncio.Future[Result]) -> None:
+        clean = (not done.cancelled() and done.exception() is None
+                 and done.result().status == Status.OK)
+        self.pool.release(lease, dirty=not clean)
+        self.metrics.in_flight -= 1
+        if self.metrics.in_flight == 0:
+            self.idle.set()
 
     async def drain(self, timeout_s: float) -> bool:
         with contextlib.suppress(TimeoutError):
