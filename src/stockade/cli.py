@@ -180,7 +180,7 @@ def cmd_images(args: argparse.Namespace) -> int:
         print(f"stockade: {exc}", file=sys.stderr)
         return EXIT_INTERNAL
     if not built:
-        print(f"stockade: image {config.image} is current", file=sys.stderr)
+        print(f"stockade: image {images.image_name(config)} is current", file=sys.stderr)
     return EXIT_OK
 
 

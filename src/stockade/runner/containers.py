@@ -125,16 +125,17 @@ class Containers:
 
     def start(self, name: str, preload: list[str]) -> None:
         """Clone, configure and start a container (its zygote is still loading)."""
-        base = lxc.Container(self.config.image, self.lxc_path)
+        image = images.image_name(self.config)
+        base = lxc.Container(image, self.lxc_path)
         if not base.defined:
-            raise ContainerError(f"the sandbox image {self.config.image} is missing: "
+            raise ContainerError(f"the sandbox image {image} is missing: "
                                  "run `stockade images build`")
         directory = self._socket_dir(name, preload)
         try:
             container = base.clone(name, config_path=self.lxc_path,
                                    flags=lxc.LXC_CLONE_SNAPSHOT, bdevtype="overlayfs")
             if not container:
-                raise ContainerError(f"cannot clone {self.config.image} into {name}")
+                raise ContainerError(f"cannot clone {image} into {name}")
             items = [("lxc.mount.entry", f"{directory} run/stockade none bind,create=dir 0 0"),
                      ("lxc.uts.name", "sandbox"),
                      ("lxc.console.logfile", f"{self.lxc_path}/{name}/console.log"),
@@ -183,11 +184,14 @@ class Containers:
         """Stop and remove a container and everything made for it. Idempotent."""
         container = lxc.Container(name, self.lxc_path)
         if container.running:
-            # SIGKILL to its init takes the whole container at once (lxc's stop() also
-            # gets there, but only after ~0.5 s of asking politely).
+            # SIGKILL to its init takes the whole container at once. (lxc's stop() gets
+            # there too, and wait("STOPPED") sees it, each only after ~0.5 s.)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(container.init_pid, signal.SIGKILL)
-            if not container.wait("STOPPED", STOP_TIMEOUT_S):
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            while container.running and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if container.running:
                 container.stop()
         if container.defined and not container.destroy():
             raise ContainerError(f"cannot destroy container {name}")

@@ -1,12 +1,14 @@
 """Build the sandbox container image: a Debian bookworm rootfs with python3, the sandbox
 package and the preloads, shifted into the containers' uid range and never started itself.
 
-Pool containers are overlay snapshot clones of it. Building is idempotent: the image
-records a digest of what went into it and is rebuilt only when that changes.
+Pool containers are overlay snapshot clones of it. Building is idempotent: an image is
+named by a digest of what went into it (`stockade-sandbox-<digest>`), so a rebuild makes a
+new one beside the old, which stays until no container is cloned from it any more.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import os
@@ -69,8 +71,18 @@ def digest() -> str:
     return h.hexdigest()
 
 
+@functools.cache
+def _digest_cached() -> str:
+    return digest()
+
+
+def image_name(config: RunnerConfig) -> str:
+    """The LXC name of the image this code needs (the sandbox's source is its digest)."""
+    return f"{config.image}-{_digest_cached()[:12]}"
+
+
 def image_dir(config: RunnerConfig) -> Path:
-    return Path(config.lxc_path) / config.image
+    return Path(config.lxc_path) / image_name(config)
 
 
 def read_stamp(config: RunnerConfig) -> Stamp | None:
@@ -93,22 +105,42 @@ def build(config: RunnerConfig, force: bool = False, log: bool = True) -> bool:
     started = time.monotonic()
     lxc_path = Path(config.lxc_path)
     lxc_path.mkdir(mode=0o711, parents=True, exist_ok=True)
-    staging = lxc_path / f".build-{config.image}"
+    staging = lxc_path / f".build-{image_name(config)}"
     remove_tree(staging)
     try:
         rootfs = _create_rootfs(staging, config.image, log)
         python = _install_sandbox(rootfs)
         _shift_ownership(rootfs, config.idmap_base)
-        _replace(config, rootfs)
+        _install(config, rootfs)
         stamp = Stamp(digest=digest(), built_at=time.time(), python=python,
                       packages=sandbox_requirements())
         (image_dir(config) / STAMP).write_bytes(msgspec.json.encode(stamp))
     finally:
         remove_tree(staging)
+    pruned = prune(config)
     if log:
-        print(f"stockade: built image {config.image} in {time.monotonic() - started:.1f} s "
-              f"at {image_dir(config)}", file=sys.stderr)
+        print(f"stockade: built image {image_name(config)} in "
+              f"{time.monotonic() - started:.1f} s at {image_dir(config)}"
+              + (f"; removed old images {', '.join(pruned)}" if pruned else ""),
+              file=sys.stderr)
     return True
+
+
+def prune(config: RunnerConfig) -> list[str]:
+    """Remove older images that no container (of any runner on this host) is cloned from."""
+    lxc_path = Path(config.lxc_path)
+    in_use = set()
+    for container_config in lxc_path.glob("*/config"):
+        for line in container_config.read_text(errors="replace").splitlines():
+            if line.startswith("lxc.rootfs.path") and "overlay:" in line:
+                in_use.add(Path(line.split("overlay:", 1)[1].split(":", 1)[0]).parent.name)
+    removed = []
+    for old in lxc_path.glob(f"{config.image}-*"):
+        if old.name != image_name(config) and old.name not in in_use and (
+                old / STAMP).exists():
+            remove_tree(old)
+            removed.append(old.name)
+    return removed
 
 
 def _run(argv: list[str], what: str, env: dict[str, str] | None = None) -> None:
@@ -208,10 +240,10 @@ def container_config(config: RunnerConfig, rootfs: Path) -> str:
     ])
 
 
-def _replace(config: RunnerConfig, rootfs: Path) -> None:
-    """Swap the new rootfs in; the old image (and any clone of it) must be gone first."""
+def _install(config: RunnerConfig, rootfs: Path) -> None:
+    """Put the new rootfs in place under its own name; clones of other images go on."""
     final = image_dir(config)
-    remove_tree(final)
+    remove_tree(final)  # only a half-built one of the same digest can be here
     final.mkdir(mode=0o711)
     rootfs.rename(final / "rootfs")
     (final / "config").write_text(container_config(config, final / "rootfs"))

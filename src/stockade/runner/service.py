@@ -62,6 +62,7 @@ def prepare_host(config: RunnerConfig) -> tuple[Containers, pwd.struct_passwd]:
     left = containers.reconcile()
     if left:
         log(f"removed {len(left)} containers a previous runner left: {', '.join(left)}")
+    images.prune(config)  # images only those containers still used
     return containers, user
 
 
