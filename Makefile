@@ -3,9 +3,14 @@ PYTHON ?= /usr/bin/python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
+# What the service and the tests need from Debian: python3-dev, gcc and pkg-config build
+# the LXC bindings against lxc-dev; lxc-templates and debootstrap make the sandbox image;
+# nginx-light is the reverse proxy.
+APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libseccomp2 make \
+	ca-certificates lxc lxc-templates lxc-dev debootstrap uidmap nginx-light
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sandbox-image test lint bench soak clean
+.PHONY: help packages install run sandbox-image test lint bench soak clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -17,7 +22,13 @@ $(BIN)/stockade: pyproject.toml
 
 install: $(BIN)/stockade ## Create .venv with stockade, numpy/pandas preloads and dev tools.
 
-run: install ## Build the sandbox image if needed, then serve on 127.0.0.1:8080 (root).
+packages: ## Install the Debian packages the service and the tests need, if missing (root).
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends $$missing >/dev/null; fi
+
+run: packages install ## Build the sandbox image if needed, then serve on 127.0.0.1:8080 (root).
 	$(BIN)/stockade serve $(if $(LISTEN),--listen $(LISTEN))
 
 sandbox-image: install ## Build (or check) the sandbox container image (root).
