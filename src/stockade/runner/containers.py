@@ -84,11 +84,14 @@ class Containers:
         period = 100_000
         quota = int(self.config.container_cpus * period)
         if self.cgroup_version == 1:
-            return [("lxc.cgroup.memory.limit_in_bytes", str(memory)),
-                    ("lxc.cgroup.memory.memsw.limit_in_bytes", str(memory)),
-                    ("lxc.cgroup.pids.max", str(pids)),
-                    ("lxc.cgroup.cpu.cfs_period_us", str(period)),
-                    ("lxc.cgroup.cpu.cfs_quota_us", str(quota))]
+            limits = [("lxc.cgroup.memory.limit_in_bytes", str(memory)),
+                      ("lxc.cgroup.pids.max", str(pids)),
+                      ("lxc.cgroup.cpu.cfs_period_us", str(period)),
+                      ("lxc.cgroup.cpu.cfs_quota_us", str(quota))]
+            if Path("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists():
+                # No swap beyond the memory limit, where the kernel accounts swap at all.
+                limits.append(("lxc.cgroup.memory.memsw.limit_in_bytes", str(memory)))
+            return limits
         return [("lxc.cgroup2.memory.max", str(memory)),
                 ("lxc.cgroup2.memory.swap.max", "0"),
                 ("lxc.cgroup2.pids.max", str(pids)),

@@ -62,7 +62,7 @@ def prepare_host(config: RunnerConfig) -> tuple[Containers, pwd.struct_passwd]:
     left = containers.reconcile()
     if left:
         log(f"removed {len(left)} containers a previous runner left: {', '.join(left)}")
-    images.prune(config)  # images only those containers still used
+    images.prune(config)  # old images that only the removed containers were cloned from
     return containers, user
 
 
@@ -146,7 +146,7 @@ async def manager_main(config: RunnerConfig, containers: Containers, channel: so
         await pool.serve(reader)  # until the front is gone
     finally:
         filling.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError, Exception):  # fill_ended logged it
             await filling
         await pool.close()
         writer.close()

@@ -1,0 +1,83 @@
+"""Unit tests of the runner's own logic: routing, config checks, error fields, Piston's
+units, metrics text, the nginx site."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from stockade.runner import nginx, schema
+from stockade.runner.config import FULL, LEAN, RunnerConfig, kind_for
+from stockade.runner.metrics import Metrics
+
+
+@pytest.mark.parametrize(("sources", "kind"), [
+    (["print(1)"], LEAN),
+    (["import pandas as pd"], FULL),
+    (["from numpy import array"], FULL),
+    (["x = 1", "import numpy.linalg"], FULL),
+    (["pandasx = 1  # not a module name"], LEAN),
+])
+def test_runs_go_to_the_pool_that_preloads_what_they_name(sources: list[str],
+                                                         kind: str) -> None:
+    assert kind_for(RunnerConfig(pool_size=1, lean_pool_size=1), sources) == kind
+
+
+def test_without_a_lean_pool_everything_goes_to_the_full_one() -> None:
+    assert kind_for(RunnerConfig(pool_size=1, lean_pool_size=0), ["print(1)"]) == FULL
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    ({"pool_size": 0}, "pool_size must be positive"),
+    ({"queue_limit": 0}, "queue_limit must be positive"),
+    ({"port": 70000}, "port must be below"),
+    ({"lean_pool_size": -1}, "lean_pool_size must be 0 or more"),
+    ({"idmap_size": 1000}, "idmap_size must be at least"),
+    ({"pool_size": 1000}, "pool sizes are capped"),
+])
+def test_config_refuses_what_cannot_work(bad: dict[str, int], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RunnerConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_config_refuses_unknown_keys() -> None:
+    with pytest.raises(msgspec.ValidationError, match="unknown field `pool`"):
+        msgspec.json.decode(b'{"pool": 3}', type=RunnerConfig)
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    (b'{"code": 1}', "code"),
+    (b'{"code": "", "nope": 1}', "nope"),
+    (b'{"code": "", "limits": {"gpus": 1}}', "limits.gpus"),
+    (b'{"code": "", "files": [{"name": "a", "content": 3}]}', "files[0].content"),
+])
+def test_validation_errors_name_the_field(body: bytes, field: str) -> None:
+    with pytest.raises(schema.ApiError) as caught:
+        schema.decode(body, schema.RunRequest)
+    assert (caught.value.status, caught.value.field) == (422, field)
+
+
+def test_piston_units_become_stockades() -> None:
+    request = schema.PistonRequest(language="python", files=[], run_timeout=2500,
+                                   run_cpu_time=-1, run_memory_limit=64 << 20)
+    assert schema.piston_limits(request) == {"wall_time_s": 2.5, "memory_mib": 64}
+
+
+def test_metrics_histogram_is_cumulative() -> None:
+    metrics = Metrics()
+    for seconds in (0.004, 0.02, 3.0):
+        metrics.observe_run("ok", seconds)
+    text = metrics.render({"pool_size": 4})
+    assert 'stockade_run_seconds_bucket{le="0.005"} 1' in text
+    assert 'stockade_run_seconds_bucket{le="0.025"} 2' in text
+    assert 'stockade_run_seconds_bucket{le="+Inf"} 3' in text
+    assert 'stockade_runs_total{status="ok"} 3' in text
+    assert "stockade_pool_size 4" in text
+
+
+def test_nginx_site_has_the_timeouts_and_the_runners_body_cap() -> None:
+    site = nginx.render(RunnerConfig(max_body_kib=2048), listen="127.0.0.1:80")
+    for directive in ("client_header_timeout 10s;", "client_body_timeout 10s;",
+                      "send_timeout 10s;", "client_max_body_size 2048k;",
+                      "listen 127.0.0.1:80;", "limit_conn stockade_per_client"):
+        assert directive in site, directive
