@@ -27,7 +27,7 @@ from stockade.sandbox.config import DEFAULT_PRELOAD, SandboxConfig
 SOCKET_NAME = "zygote.sock"
 ZYGOTE_CONFIG_NAME = "zygote.json"
 READY_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 10  # LXC takes whole seconds
+STOP_TIMEOUT_S = 10.0  # for a SIGKILLed container to stop
 CGROUP_TIMEOUT_S = 5.0  # for LXC's monitor process to leave its cgroup
 
 
@@ -115,16 +115,6 @@ class Containers:
             msgspec.json.encode(zygote_config(self.config, preload)))
         os.chown(directory, self.config.idmap_base, self.runner_gid)
         return directory
-
-    def create(self, name: str, preload: list[str]) -> Path:
-        """Start a container and wait until its zygote serves; return the zygote's socket."""
-        self.start(name, preload)
-        try:
-            self.wait_until_serving(name)
-        except BaseException:
-            self.destroy(name)
-            raise
-        return self.socket_path(name)
 
     def start(self, name: str, preload: list[str]) -> None:
         """Clone, configure and start a container (its zygote is still loading)."""
