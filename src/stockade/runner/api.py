@@ -167,14 +167,12 @@ class Api:
         return app
 
     def _files(self, files: list[tuple[str, str, str]]) -> list[protocol.InputFile]:
-        decoded = [protocol.InputFile(name, schema.file_content(content, encoding,
-                                                                f"files[{i}].content"))
-                   for i, (name, content, encoding) in enumerate(files)]
-        return decoded
+        return [protocol.InputFile(name, schema.file_content(content, encoding,
+                                                             f"files[{i}].content"))
+                for i, (name, content, encoding) in enumerate(files)]
 
     async def post_run(self, request: web.Request) -> web.Response:
-        body = schema.decode(await request.read(), schema.RunRequest)
-        schema.check_language(body.language)
+        body = schema.decode(await request.read(), schema.RunRequest)  # language included
         files = self._files([(f.name, f.content, f.encoding) for f in body.files])
         schema.check_files(files, body.args, self.config.max_files,
                            self.config.max_file_kib * 1024)
