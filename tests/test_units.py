@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -103,6 +104,14 @@ def _fake_v2_tree(root: Path) -> str:
     (root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
     (root / "cgroup.subtree_control").write_text("")
     return f"40 23 0:40 / {root} rw,nosuid - cgroup2 cgroup2 rw\n"
+
+
+def test_v2_zygote_leaves_a_root_it_must_delegate_from(tmp_path: Path) -> None:
+    """On v2 a zygote that is a container's init sits in the cgroup it must delegate
+    from; it moves into a leaf of its own (the kernel's EBUSY is not in a fake tree)."""
+    driver = CgroupDriver("stockade/runs", _fake_v2_tree(tmp_path))
+    driver.leave_delegation_root()
+    assert (tmp_path / "stockade-zygote" / "cgroup.procs").read_text() == str(os.getpid())
 
 
 def test_v2_driver_delegates_controllers_and_reads_run_figures(tmp_path: Path) -> None:

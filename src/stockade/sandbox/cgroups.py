@@ -21,6 +21,10 @@ V2_CONTROLLERS = ("memory", "pids", "cpu")
 class CgroupError(RuntimeError):
     """The cgroup layer is missing or refused an operation."""
 
+    def __init__(self, message: str, errno_: int = 0) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
 
 def _read(path: Path) -> str:
     return path.read_text()
@@ -30,7 +34,8 @@ def _write(path: Path, value: str) -> None:
     try:
         path.write_text(value)
     except OSError as exc:
-        raise CgroupError(f"cannot write {value!r} to {path}: {exc.strerror}") from None
+        raise CgroupError(f"cannot write {value!r} to {path}: {exc.strerror}",
+                          exc.errno or 0) from None
 
 
 def _keyed(text: str, key: str) -> int:
@@ -177,10 +182,25 @@ class CgroupDriver:
             root.mkdir(parents=True, exist_ok=True)
         if self.version == 2:
             enable = " ".join(f"+{c}" for c in V2_CONTROLLERS)
+            try:
+                _write(self._unified / "cgroup.subtree_control", enable)
+            except CgroupError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise
+                self.leave_delegation_root()
+                _write(self._unified / "cgroup.subtree_control", enable)
             node = self._unified
-            for part in ["", *Path(self.parent).parts]:
-                node = node / part if part else node
+            for part in Path(self.parent).parts:
+                node = node / part
                 _write(node / "cgroup.subtree_control", enable)
+
+    def leave_delegation_root(self) -> None:
+        """cgroup v2 lets a non-root cgroup hand controllers down only while it holds no
+        process. A zygote that is its container's init sits in the container's root
+        cgroup (EBUSY): it moves itself into a leaf of its own, beside the run cgroups."""
+        leaf = self._unified / f"{self.parent.split('/')[0]}-zygote"
+        leaf.mkdir(exist_ok=True)
+        _write(leaf / "cgroup.procs", str(os.getpid()))
 
     def create(self, name: str) -> RunCgroup:
         dirs = {c: root / name for c, root in self.roots.items()}
