@@ -1,13 +1,17 @@
-"""`stockade exec`: exit codes, one-line errors, one JSON record."""
+"""The command line: `exec` and `run` (exit codes, one-line errors, one JSON record) and
+`nginx-config`."""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from support.service import RunnerProcess
 
 STOCKADE = [sys.executable, "-m", "stockade"]
 
@@ -58,3 +62,36 @@ def test_usage_errors_are_one_line_exit_2(program: Path, args: list[str], messag
     assert done.returncode == 2
     lines = done.stderr.decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith("stockade: ") and message in lines[0], lines
+
+
+def test_run_talks_to_a_runner(runner: RunnerProcess, tmp_path: Path) -> None:
+    url = f"--url=http://127.0.0.1:{runner.port}"
+    program = tmp_path / "rev.py"
+    program.write_text("print(input()[::-1])")
+    given = tmp_path / "in.txt"
+    given.write_text("olleh")
+    answer = stockade("run", url, "--stdin", str(given), "--json", str(program))
+    assert answer.returncode == 0, answer.stderr
+    assert json.loads(answer.stdout)["stdout"] == "hello\n"
+    program.write_text("while True: pass")
+    spin = stockade("run", url, "--cpu-time", "0.2", str(program))
+    assert spin.returncode == 1 and b"time_limit" in spin.stderr
+
+
+def test_run_refusals_and_unreachable_runners_are_one_line(runner: RunnerProcess,
+                                                           program: Path) -> None:
+    over = stockade("run", f"--url=http://127.0.0.1:{runner.port}", "--memory", "999999",
+                    str(program))
+    assert over.returncode == 2
+    assert over.stderr.decode().count("\n") == 1 and b"limits.memory_mib" in over.stderr
+    with socket.socket() as probe:  # a loopback port with nobody listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    gone = stockade("run", f"--url=http://127.0.0.1:{port}", str(program))
+    assert gone.returncode == 3 and b"cannot reach the runner" in gone.stderr
+
+
+def test_nginx_config_renders_the_site() -> None:
+    site = stockade("nginx-config", "--listen", "8081", "--upstream", "127.0.0.1:9999")
+    assert site.returncode == 0
+    assert b"listen 8081;" in site.stdout and b"server 127.0.0.1:9999;" in site.stdout
