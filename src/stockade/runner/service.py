@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from aiohttp import web
@@ -150,10 +151,24 @@ async def manager_main(config: RunnerConfig, containers: Containers, channel: so
             await filling
         await pool.close()
         writer.close()
-    _, status = await loop.run_in_executor(None, os.waitpid, front_pid, 0)
-    code = os.waitstatus_to_exitcode(status)
+    code = await _front_exit_code(front_pid, config.drain_timeout_s + 10.0)
     log(f"stopped (front exit status {code})")
     return 0 if code == 0 else 1
+
+
+async def _front_exit_code(pid: int, timeout_s: float) -> int:
+    """The front has closed its channel, so it is on its way out; a hung one is killed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reaped, status = os.waitpid(pid, os.WNOHANG)
+        if reaped:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            log("the front did not exit; killing it")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = float("inf")
+        await asyncio.sleep(0.05)
 
 
 async def front_main(config: RunnerConfig, channel: socket.socket, listener: socket.socket,
