@@ -25,7 +25,7 @@ from stockade.sandbox.cgroups import MOUNTINFO, parse_mountinfo
 from stockade.sandbox.config import DEFAULT_PRELOAD, SandboxConfig
 
 SOCKET_NAME = "zygote.sock"
-ZYGOTE_CONFIG_NAME = "zygote.json"
+ZYGOTE_CONFIG_NAME = os.path.basename(images.ZYGOTE_CONFIG)
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0  # for a SIGKILLed container to stop
 CGROUP_TIMEOUT_S = 5.0  # for LXC's monitor process to leave its cgroup
@@ -51,7 +51,7 @@ def ensure_subid_ranges(config: RunnerConfig) -> None:
 
 def zygote_config(config: RunnerConfig, preload: list[str]) -> SandboxConfig:
     return SandboxConfig(
-        socket_path=f"/run/stockade/{SOCKET_NAME}",
+        socket_path=f"{images.CONTAINER_DIR}/{SOCKET_NAME}",
         state_dir="/var/lib/stockade-zygote",
         preload=[*DEFAULT_PRELOAD, *preload],
         limits=LimitPolicy(default=config.limits.default, maximum=config.limits.maximum),
@@ -129,7 +129,8 @@ class Containers:
                                    flags=lxc.LXC_CLONE_SNAPSHOT, bdevtype="overlayfs")
             if not container:
                 raise ContainerError(f"cannot clone {image} into {name}")
-            items = [("lxc.mount.entry", f"{directory} run/stockade none bind,create=dir 0 0"),
+            mount_point = images.CONTAINER_DIR.lstrip("/")
+            items = [("lxc.mount.entry", f"{directory} {mount_point} none bind,create=dir 0 0"),
                      ("lxc.uts.name", "sandbox"),
                      ("lxc.console.logfile", f"{self.lxc_path}/{name}/console.log"),
                      *self._limits()]

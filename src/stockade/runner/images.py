@@ -28,7 +28,9 @@ IMAGE_FORMAT = 1  # bump when the layout below changes
 SUITE = "bookworm"
 STAMP = "stockade-image.json"
 SITE = "usr/local/lib/python{version}/dist-packages"  # Debian's sys.path, in read-only /usr
-ZYGOTE_CONFIG = "/run/stockade/zygote.json"  # inside the container: the bind-mounted socket dir
+# Inside a container: the host directory bind-mounted for its zygote's config and socket.
+CONTAINER_DIR = "/run/stockade"
+ZYGOTE_CONFIG = f"{CONTAINER_DIR}/zygote.json"
 
 
 class ImageError(RuntimeError):
@@ -62,8 +64,10 @@ def _package_files() -> list[Path]:
                   if p.relative_to(root).parts[0] in CONTAINER_MODULES)
 
 
+@functools.cache
 def digest() -> str:
-    """What the image is made of: format, suite, requirements and the sandbox's source."""
+    """What the image is made of: format, suite, requirements and the sandbox's source
+    (read once: the image a process needs is the one its own code was loaded from)."""
     h = hashlib.sha256(f"{IMAGE_FORMAT} {SUITE} {sandbox_requirements()}".encode())
     root = Path(stockade.__file__).parent
     for path in _package_files():
@@ -71,14 +75,9 @@ def digest() -> str:
     return h.hexdigest()
 
 
-@functools.cache
-def _digest_cached() -> str:
-    return digest()
-
-
 def image_name(config: RunnerConfig) -> str:
     """The LXC name of the image this code needs (the sandbox's source is its digest)."""
-    return f"{config.image}-{_digest_cached()[:12]}"
+    return f"{config.image}-{digest()[:12]}"
 
 
 def image_dir(config: RunnerConfig) -> Path:
@@ -184,12 +183,11 @@ def _install_sandbox(rootfs: Path) -> str:
         shutil.copyfile(path, dest)
     # Compile and smoke-test with the rootfs's own interpreter.
     _run(["chroot", str(rootfs), "/usr/bin/python3", "-m", "compileall", "-q",
-          f"/{SITE.format(version=python)}"], "compileall in the rootfs")
+          f"/{site.relative_to(rootfs)}"], "compileall in the rootfs")
     _run(["chroot", str(rootfs), "/usr/bin/python3", "-I", "-c",
           "import stockade.sandbox.zygote, numpy, pandas"], "import check in the rootfs")
-    for leftover in ("var/cache/apt/archives", "var/lib/apt/lists"):
-        for entry in (rootfs / leftover).glob("*.deb"):
-            entry.unlink()
+    for entry in (rootfs / "var/cache/apt/archives").glob("*.deb"):
+        entry.unlink()
     return python
 
 
