@@ -275,20 +275,19 @@ def remove_lxc_cgroups(name: str, prefix: bool = False, timeout_s: float = 0.0,
     """Remove the lxc.monitor.NAME* and lxc.payload.NAME* cgroups, waiting up to `timeout_s`
     for a monitor that is still exiting (`between` runs before each try); return the busy."""
     deadline = time.monotonic() + timeout_s
+    parents = [p for p in _lxc_cgroup_parents() if p.is_dir()]
     while True:
         if between is not None:
             between()
-        busy = _remove_lxc_cgroups_once(name, prefix)
+        busy = _remove_lxc_cgroups_once(parents, name, prefix)
         if not busy or time.monotonic() >= deadline:
             return busy
         time.sleep(0.02)
 
 
-def _remove_lxc_cgroups_once(name: str, prefix: bool) -> list[str]:
+def _remove_lxc_cgroups_once(parents: list[Path], name: str, prefix: bool) -> list[str]:
     busy = []
-    for parent in _lxc_cgroup_parents():
-        if not parent.is_dir():
-            continue
+    for parent in parents:
         for child in parent.iterdir():
             for kind in ("lxc.monitor.", "lxc.payload."):
                 rest = child.name.removeprefix(kind)
