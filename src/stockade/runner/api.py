@@ -23,7 +23,7 @@ from stockade.limits import Limits
 from stockade.result import Result, Status
 from stockade.runner import openapi, schema
 from stockade.runner.config import RunnerConfig, kind_for
-from stockade.runner.control import ChannelError, Lease, PoolClient
+from stockade.runner.control import ChannelError, Lease, PoolClient, PoolStats
 from stockade.runner.metrics import Metrics
 from stockade.runner.schema import ApiError
 from stockade.sandbox import client
@@ -166,20 +166,26 @@ class Api:
         ])
         return app
 
-    def _files(self, files: list[tuple[str, str, str]]) -> list[protocol.InputFile]:
-        return [protocol.InputFile(name, schema.file_content(content, encoding,
-                                                             f"files[{i}].content"))
-                for i, (name, content, encoding) in enumerate(files)]
+    def _job(self, code: str, stdin: str, args: list[str],
+             files: list[tuple[int, str, str, str]],
+             wanted: dict[str, Any]) -> tuple[client.Job, Limits]:
+        """What both run routes check and build: files (index, name, content, encoding)
+        decoded and checked, limits resolved against the policy."""
+        decoded = [protocol.InputFile(name, schema.file_content(content, encoding,
+                                                                f"files[{i}].content"))
+                   for i, name, content, encoding in files]
+        schema.check_files(decoded, args, self.config.max_files,
+                           self.config.max_file_kib * 1024)
+        limits = schema.resolve_limits(self.config.limits, wanted)
+        return client.Job(code=code, stdin=stdin.encode("utf-8", "surrogatepass"), args=args,
+                          files=decoded), limits
 
     async def post_run(self, request: web.Request) -> web.Response:
         body = schema.decode(await request.read(), schema.RunRequest)  # language included
-        files = self._files([(f.name, f.content, f.encoding) for f in body.files])
-        schema.check_files(files, body.args, self.config.max_files,
-                           self.config.max_file_kib * 1024)
-        wanted = msgspec.structs.asdict(body.limits) if body.limits else {}
-        limits = schema.resolve_limits(self.config.limits, wanted)
-        job = client.Job(code=body.code, stdin=body.stdin.encode("utf-8", "surrogatepass"),
-                         args=body.args, files=files)
+        job, limits = self._job(
+            body.code, body.stdin, body.args,
+            [(i, f.name, f.content, f.encoding) for i, f in enumerate(body.files)],
+            msgspec.structs.asdict(body.limits) if body.limits else {})
         return _json(await self.runs.execute(job, limits))
 
     def _language(self) -> schema.Language:
@@ -194,11 +200,17 @@ class Api:
             raise ApiError(503, "unavailable", "the container pool is not running")
         return _json({"status": "ok"})
 
-    async def readyz(self, _request: web.Request) -> web.Response:
+    async def _pool_stats(self) -> PoolStats | None:
+        """The manager's counters, or None when it does not answer within 2 s."""
         try:
-            stats = await asyncio.wait_for(self.pool.stats(), 2.0)
+            return await asyncio.wait_for(self.pool.stats(), 2.0)
         except (TimeoutError, ChannelError):
-            raise ApiError(503, "unavailable", "the container pool does not answer") from None
+            return None
+
+    async def readyz(self, _request: web.Request) -> web.Response:
+        stats = await self._pool_stats()
+        if stats is None:
+            raise ApiError(503, "unavailable", "the container pool does not answer")
         live = self.pool.idle_count + self.pool.leased
         if not stats.warm:
             raise ApiError(503, "warming_up", f"{live} of {stats.size} containers are up")
@@ -209,8 +221,8 @@ class Api:
 
     async def get_metrics(self, _request: web.Request) -> web.Response:
         pool: dict[str, float] = {}
-        with contextlib.suppress(TimeoutError, ChannelError):
-            stats = await asyncio.wait_for(self.pool.stats(), 2.0)
+        stats = await self._pool_stats()
+        if stats is not None:
             pool = {"pool_size": stats.size, "pool_idle": self.pool.idle_count,
                     "pool_leased": self.pool.leased, "pool_starting": stats.starting,
                     "pool_recycled_total": stats.recycled,
@@ -246,13 +258,11 @@ class Api:
         except UnicodeDecodeError:
             raise ApiError(400, "invalid_utf8", "the program is not valid UTF-8",
                            "files[0].content") from None
-        files = self._files([(f.name or f"file{i}", f.content, f.encoding)
-                             for i, f in enumerate(rest, start=1)])
-        schema.check_files(files, body.args, self.config.max_files,
-                           self.config.max_file_kib * 1024)
-        limits = schema.resolve_limits(self.config.limits, schema.piston_limits(body))
-        job = client.Job(code=code, stdin=body.stdin.encode("utf-8", "surrogatepass"),
-                         args=body.args, files=files)
+        job, limits = self._job(
+            code, body.stdin, body.args,
+            [(i, f.name or f"file{i}", f.content, f.encoding)
+             for i, f in enumerate(rest, start=1)],
+            schema.piston_limits(body))
         result = await self.runs.execute(job, limits)
         return _json(schema.PistonResponse(schema.LANGUAGE, self.python_version,
                                            schema.piston_run(result)))
