@@ -73,7 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     im_sub = im.add_subparsers(dest="images_command", required=True, parser_class=_Parser)
     build = im_sub.add_parser("build", help="build the image unless it is current")
     build.add_argument("--force", action="store_true", help="rebuild even if current")
-    build.add_argument("--config", metavar="FILE", help=f"JSON config (default {DEFAULT_CONFIG})")
+    export = im_sub.add_parser("export", help="write the current image as IMAGE.tar.gz")
+    export.add_argument("--output", default=".", metavar="DIR", help="directory (default .)")
+    imp = im_sub.add_parser("import", help="install an exported image unless it is current")
+    imp.add_argument("archive", metavar="ARCHIVE", help="a file `images export` wrote")
+    for each in (build, export, imp):
+        each.add_argument("--config", metavar="FILE",
+                          help=f"JSON config (default {DEFAULT_CONFIG})")
+    ck = sub.add_parser("check-config", help="validate a runner config file, print it in full")
+    ck.add_argument("file", metavar="FILE")
 
     ng = sub.add_parser("nginx-config", help="print the nginx site config for a runner")
     ng.add_argument("--listen", default="80", help="nginx listen directive value (default 80)")
@@ -173,14 +181,28 @@ def cmd_images(args: argparse.Namespace) -> int:
 
     config = _runner_config(args.config)
     if os.geteuid() != 0:
-        raise UsageError("images build needs root: it creates and shifts a container rootfs")
+        raise UsageError(f"images {args.images_command} needs root: container rootfs files "
+                         "belong to the containers' uid range")
+    name = images.image_name(config)
     try:
-        built = images.build(config, force=args.force)
+        if args.images_command == "export":
+            print(images.export(config, Path(args.output)))
+            return EXIT_OK
+        if args.images_command == "import":
+            changed = images.import_archive(config, Path(args.archive))
+        else:
+            changed = images.build(config, force=args.force)
     except images.ImageError as exc:
         print(f"stockade: {exc}", file=sys.stderr)
         return EXIT_INTERNAL
-    if not built:
-        print(f"stockade: image {images.image_name(config)} is current", file=sys.stderr)
+    # Tools (the sandbox_images role) read this line to tell a change from a no-op.
+    print(f"stockade: image {name} {'installed' if changed else 'is current'}")
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _runner_config(args.file)
+    sys.stdout.write(msgspec.json.format(msgspec.json.encode(config).decode()) + "\n")
     return EXIT_OK
 
 
@@ -213,7 +235,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"exec": cmd_exec, "serve": cmd_serve, "run": cmd_run, "images": cmd_images,
-            "nginx-config": cmd_nginx_config}
+            "nginx-config": cmd_nginx_config, "check-config": cmd_check_config}
 
 
 def main(argv: list[str] | None = None) -> int:

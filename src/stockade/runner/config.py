@@ -43,6 +43,9 @@ class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     lxc_path: str = "/var/lib/stockade/containers"
     run_dir: str = "/run/stockade"
     image: str = "stockade-sandbox"
+    # Build the sandbox image at start when it is missing; false on hosts that get it by
+    # `stockade images import` (a missing image is then an error, not a download).
+    build_image: bool = True
     container_prefix: str = "stockade-pool-"
     # The container's uid/gid range on the host (also written to /etc/subuid and /etc/subgid).
     idmap_base: int = 100000

@@ -4,6 +4,7 @@ package and the preloads, shifted into the containers' uid range and never start
 Pool containers are overlay snapshot clones of it. Building is idempotent: an image is
 named by a digest of what went into it (`stockade-sandbox-<digest>`), so a rebuild makes a
 new one beside the old, which stays until no container is cloned from it any more.
+An image can be exported as an archive and imported on hosts that never build one.
 """
 
 from __future__ import annotations
@@ -122,6 +123,57 @@ def build(config: RunnerConfig, force: bool = False, log: bool = True) -> bool:
               f"{time.monotonic() - started:.1f} s at {image_dir(config)}"
               + (f"; removed old images {', '.join(pruned)}" if pruned else ""),
               file=sys.stderr)
+    return True
+
+
+def archive_path(config: RunnerConfig, directory: Path) -> Path:
+    return directory / f"{image_name(config)}.tar.gz"
+
+
+def export(config: RunnerConfig, directory: Path) -> Path:
+    """Write the current image (rootfs and stamp, owners numeric) as an archive; the host
+    config is left out: `import_archive` writes it for the importing host's paths."""
+    if not is_current(config):
+        raise ImageError(f"image {image_name(config)} is not built: run `stockade images build`")
+    target = archive_path(config, directory)
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        _run(["tar", "-C", str(image_dir(config)), "--create", "--file", str(partial),
+              "--use-compress-program", "gzip -1", "--numeric-owner", "--xattrs", "--acls",
+              "--sort=name", STAMP, "rootfs"], "tar of the image")
+        partial.rename(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+def import_archive(config: RunnerConfig, archive: Path) -> bool:
+    """Install an exported image unless the current one is here; True if installed. An
+    archive made by other sandbox code is refused: its runner would not match it."""
+    if is_current(config):
+        return False
+    lxc_path = Path(config.lxc_path)
+    lxc_path.mkdir(mode=0o711, parents=True, exist_ok=True)
+    staging = lxc_path / f".import-{image_name(config)}"
+    remove_tree(staging)
+    staging.mkdir(mode=0o700)
+    try:
+        _run(["tar", "-C", str(staging), "--extract", "--file", str(archive), "--gzip",
+              "--numeric-owner", "--same-owner", "--same-permissions", "--xattrs", "--acls",
+              STAMP, "rootfs"], f"extracting {archive}")
+        try:
+            stamp = msgspec.json.decode((staging / STAMP).read_bytes(), type=Stamp)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ImageError(f"{archive} has no valid {STAMP}: {exc}") from None
+        if stamp.digest != digest():
+            raise ImageError(
+                f"{archive} holds sandbox image {stamp.digest[:12]}, but this stockade needs "
+                f"{digest()[:12]}: export the image with the same stockade version")
+        _install(config, staging / "rootfs")
+        (image_dir(config) / STAMP).write_bytes(msgspec.json.encode(stamp))
+    finally:
+        remove_tree(staging)
+    prune(config)
     return True
 
 

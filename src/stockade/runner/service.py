@@ -57,7 +57,12 @@ def prepare_host(config: RunnerConfig) -> tuple[Containers, pwd.struct_passwd]:
                            "(the HTTP front drops to an unprivileged user)")
     user = ensure_user(config.user)
     ensure_subid_ranges(config)
-    images.build(config)
+    if not images.is_current(config):
+        if not config.build_image:
+            raise ServiceError(
+                f"sandbox image {images.image_name(config)} is not in {config.lxc_path}: "
+                "import it with `stockade images import ARCHIVE` (build_image is off)")
+        images.build(config)
     containers = Containers(config, runner_gid=user.pw_gid)
     containers.prepare_directories()
     left = containers.reconcile()

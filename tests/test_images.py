@@ -1,0 +1,87 @@
+"""Sandbox image archives: what `images export` writes, `images import` turns back into the
+same image on another host path; an archive of other sandbox code is refused; a runner told
+not to build refuses to start without one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from stockade.runner import images
+from stockade.runner.config import RunnerConfig
+
+STOCKADE = [sys.executable, "-m", "stockade"]
+
+
+def stockade(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*STOCKADE, *args], capture_output=True, text=True, timeout=600,
+                          check=False)
+
+
+def listing(rootfs: Path) -> list[str]:
+    """Every entry with owner, group, mode and (for files) size: what an import must keep."""
+    done = subprocess.run(["find", ".", "-printf", r"%p %U %G %m %y %s\n"], cwd=rootfs,
+                          capture_output=True, text=True, check=True)
+    return sorted(line.rsplit(" ", 1)[0] if " d " in line else line
+                  for line in done.stdout.splitlines())
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    built = stockade("images", "build")
+    assert built.returncode == 0, built.stderr
+    out = tmp_path_factory.mktemp("export")
+    done = stockade("images", "export", "--output", str(out))
+    assert done.returncode == 0, done.stderr
+    return Path(done.stdout.strip())
+
+
+def config_file(tmp_path: Path, **values: object) -> Path:
+    path = tmp_path / "runner.json"
+    path.write_text(json.dumps(values))
+    return path
+
+
+def test_import_recreates_the_image_with_owners_and_modes(archive: Path,
+                                                         tmp_path: Path) -> None:
+    source = RunnerConfig()
+    target = RunnerConfig(lxc_path=str(tmp_path / "lxc"))
+    cfg = config_file(tmp_path, lxc_path=target.lxc_path)
+    first = stockade("images", "import", "--config", str(cfg), str(archive))
+    assert first.returncode == 0 and "installed" in first.stdout, first.stderr
+    assert images.is_current(target)
+    assert listing(images.image_dir(target) / "rootfs") == \
+        listing(images.image_dir(source) / "rootfs")
+    # The host config is written for the importing host's own paths.
+    assert f"dir:{images.image_dir(target)}/rootfs" in (
+        images.image_dir(target) / "config").read_text()
+    again = stockade("images", "import", "--config", str(cfg), str(archive))
+    assert again.returncode == 0 and "is current" in again.stdout, again.stderr
+
+
+def test_import_refuses_an_archive_of_other_sandbox_code(tmp_path: Path) -> None:
+    (tmp_path / images.STAMP).write_text(json.dumps({
+        "digest": "0" * 64, "built_at": 0, "python": "3.11", "packages": []}))
+    (tmp_path / "rootfs" / "usr").mkdir(parents=True)
+    forged = tmp_path / "other.tar.gz"
+    with tarfile.open(forged, "w:gz") as tar:
+        tar.add(tmp_path / images.STAMP, arcname=images.STAMP)
+        tar.add(tmp_path / "rootfs", arcname="rootfs")
+    cfg = config_file(tmp_path, lxc_path=str(tmp_path / "lxc"))
+    done = stockade("images", "import", "--config", str(cfg), str(forged))
+    assert done.returncode != 0
+    assert "holds sandbox image 000000000000" in done.stderr
+    assert not list((tmp_path / "lxc").iterdir())  # nothing half-installed is left
+
+
+def test_serve_without_image_and_without_building_says_how_to_get_one(tmp_path: Path) -> None:
+    cfg = config_file(tmp_path, lxc_path=str(tmp_path / "lxc"), build_image=False,
+                      port=18099, run_dir=str(tmp_path / "run"))
+    done = stockade("serve", "--config", str(cfg))
+    assert done.returncode == 2
+    assert "stockade images import ARCHIVE" in done.stderr
