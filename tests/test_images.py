@@ -1,6 +1,7 @@
 """Sandbox image archives: what `images export` writes, `images import` turns back into the
 same image on another host path; an archive of other sandbox code is refused; a runner told
-not to build refuses to start without one."""
+not to build refuses to start without one (the runner's start-up import from its archive
+directory is covered by the runner role's Molecule scenario)."""
 
 from __future__ import annotations
 
@@ -64,6 +65,16 @@ def test_import_recreates_the_image_with_owners_and_modes(archive: Path,
     assert again.returncode == 0 and "is current" in again.stdout, again.stderr
 
 
+@pytest.mark.usefixtures("archive")  # builds the current image
+def test_image_holds_no_set_id_file() -> None:
+    """Nothing in a container gains privileges by exec, and RestrictSUIDSGID hosts can
+    import the image."""
+    rootfs = images.image_dir(RunnerConfig()) / "rootfs"
+    found = subprocess.run(["find", str(rootfs), "-xdev", "-perm", "/6000"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert found == []
+
+
 def test_import_refuses_an_archive_of_other_sandbox_code(tmp_path: Path) -> None:
     (tmp_path / images.STAMP).write_text(json.dumps({
         "digest": "0" * 64, "built_at": 0, "python": "3.11", "packages": []}))
@@ -81,7 +92,9 @@ def test_import_refuses_an_archive_of_other_sandbox_code(tmp_path: Path) -> None
 
 def test_serve_without_image_and_without_building_says_how_to_get_one(tmp_path: Path) -> None:
     cfg = config_file(tmp_path, lxc_path=str(tmp_path / "lxc"), build_image=False,
-                      port=18099, run_dir=str(tmp_path / "run"))
+                      image_archive_dir=str(tmp_path / "archives"), port=18099,
+                      run_dir=str(tmp_path / "run"))
     done = stockade("serve", "--config", str(cfg))
     assert done.returncode == 2
-    assert "stockade images import ARCHIVE" in done.stderr
+    assert f"nor at {tmp_path}/archives/stockade-sandbox-" in done.stderr
+    assert "stockade images export" in done.stderr

@@ -25,7 +25,7 @@ import msgspec
 import stockade
 from stockade.runner.config import RunnerConfig
 
-IMAGE_FORMAT = 1  # bump when the layout below changes
+IMAGE_FORMAT = 2  # bump when the layout below changes (2: no set-id bits)
 SUITE = "bookworm"
 STAMP = "stockade-image.json"
 SITE = "usr/local/lib/python{version}/dist-packages"  # Debian's sys.path, in read-only /usr
@@ -136,6 +136,8 @@ def export(config: RunnerConfig, directory: Path) -> Path:
     if not is_current(config):
         raise ImageError(f"image {image_name(config)} is not built: run `stockade images build`")
     target = archive_path(config, directory)
+    if target.is_file():  # named by the digest: the same image, complete (renamed last)
+        return target
     partial = target.with_name(f".{target.name}.partial")
     try:
         _run(["tar", "-C", str(image_dir(config)), "--create", "--file", str(partial),
@@ -244,17 +246,17 @@ def _install_sandbox(rootfs: Path) -> str:
 
 
 def _shift_ownership(rootfs: Path, base: int) -> None:
-    """Map every owner into the containers' range (uid 0 becomes `base`), keeping modes:
-    chown clears set-id bits, so they are put back (file capabilities are dropped)."""
+    """Map every owner into the containers' range (uid 0 becomes `base`) and clear every
+    set-id bit: nothing in a container may gain privileges by exec (no_new_privs already
+    makes them inert), and hosts whose runner unit has RestrictSUIDSGID can import it."""
     for dirpath, dirnames, filenames in os.walk(rootfs):
         for name in [*dirnames, *filenames, ""]:
             path = os.path.join(dirpath, name) if name else dirpath
             st = os.lstat(path)
-            if st.st_uid >= base:
-                continue
-            os.lchown(path, st.st_uid + base, st.st_gid + base)
+            if st.st_uid < base:
+                os.lchown(path, st.st_uid + base, st.st_gid + base)
             if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
-                os.chmod(path, stat.S_IMODE(st.st_mode))
+                os.chmod(path, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
 
 
 def container_config(config: RunnerConfig, rootfs: Path) -> str:

@@ -22,7 +22,8 @@ from stockade.runner import control
 from stockade.runner.config import Kind, RunnerConfig, kinds
 from stockade.runner.containers import ContainerError, Containers
 
-RETRY_DELAY_S = 1.0  # after a failed create, before the next attempt
+RETRY_DELAY_S = 1.0  # after a failed create, before the next attempt; doubles up to
+MAX_RETRY_DELAY_S = 30.0
 
 
 def log(message: str) -> None:
@@ -59,6 +60,7 @@ class Pool:
 
     async def _add(self, replacing_since: float | None = None) -> None:
         self.starting += 1
+        delay = RETRY_DELAY_S
         try:
             while not self.closing:
                 name = next(self.names)
@@ -68,8 +70,9 @@ class Pool:
                 except Exception as exc:  # the pool must outlive any one failed start
                     self.create_failures += 1
                     self.failing = True
-                    log(f"cannot start {name}: {exc}")
-                    await asyncio.sleep(RETRY_DELAY_S)
+                    log(f"cannot start {name}: {exc} (next try in {delay:.0f} s)")
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, MAX_RETRY_DELAY_S)  # a broken host is not hammered
                     continue
                 self.failing = False
                 if self.closing:
