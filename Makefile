@@ -5,22 +5,27 @@ BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 # What the service and the tests need from Debian: python3-dev, gcc and pkg-config build
 # the LXC bindings against lxc-dev; lxc-templates and debootstrap make the sandbox image;
-# nginx-light is the reverse proxy.
+# nginx-light is the reverse proxy; dnsmasq-base and nftables run lxc-net's bridge, which
+# the Molecule scenarios' containers are reached on with the ssh client.
 APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libseccomp2 make \
-	ca-certificates lxc lxc-templates lxc-dev debootstrap uidmap nginx-light
+	ca-certificates lxc lxc-templates lxc-dev debootstrap uidmap nginx-light \
+	openssh-client dnsmasq-base nftables
+# Molecule scenarios, in the order `make molecule` runs them.
+SCENARIOS ?= hardening runner
 
 .DEFAULT_GOAL := help
-.PHONY: help packages install run sandbox-image test lint bench soak clean
+.PHONY: help packages install run sandbox-image dist test test-python molecule lint bench \
+	soak clean
 
 help: ## List the targets.
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 $(BIN)/stockade: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,preload,runner]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,preload,runner,ops]'
 	@touch $@
 
-install: $(BIN)/stockade ## Create .venv with stockade, numpy/pandas preloads and dev tools.
+install: $(BIN)/stockade ## Create .venv: stockade, numpy/pandas preloads, dev and ops tools.
 
 packages: ## Install the Debian packages the service and the tests need, if missing (root).
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -34,12 +39,30 @@ run: packages install ## Build the sandbox image if needed, then serve on 127.0.
 sandbox-image: install ## Build (or check) the sandbox container image (root).
 	$(BIN)/stockade images build
 
-test: install ## Run the test suite (needs root: real namespaces, cgroups, seccomp).
+dist: install ## The runner's wheels and the sandbox image archive, for Ansible (root).
+	rm -rf dist/wheelhouse
+	$(BIN)/pip wheel --quiet --disable-pip-version-check --use-pep517 --wheel-dir dist/wheelhouse '.[runner]'
+	$(BIN)/stockade images build
+	@archive=$$($(BIN)/stockade images export --output dist) && echo "dist: $$archive" && \
+		find dist -maxdepth 1 -name 'stockade-sandbox-*.tar.gz' ! -path "$$archive" -delete
+
+test: test-python molecule ## Every test: the pytest suite, then the Molecule scenarios (root).
+
+test-python: install ## The pytest suite (root: real namespaces, cgroups, seccomp, LXC, nginx).
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-lint: install ## ruff and mypy.
-	$(BIN)/ruff check src tests bench
+molecule: packages dist ## Molecule scenarios: hosts built by the roles, checked by testinfra.
+	@for scenario in $(SCENARIOS); do \
+		start=$$(date +%s); \
+		PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/molecule test -s $$scenario || exit 1; \
+		echo "molecule: $$scenario passed in $$(( $$(date +%s) - start )) s"; \
+	done
+
+lint: install ## ruff, mypy and ansible-lint (production profile).
+	$(BIN)/ruff check src tests bench molecule
 	$(BIN)/mypy
+	cd ansible && PATH=$(CURDIR)/$(BIN):$$PATH ../$(BIN)/ansible-lint --profile production \
+		site.yml image.yml ../roles ../molecule
 
 bench: install ## Latency, throughput and memory vs bare interpreter spawns (not a test).
 	$(BIN)/python bench/bench_sandbox.py
@@ -49,4 +72,4 @@ soak: install ## 10 minutes of mixed good and hostile load; checks nothing grows
 	$(BIN)/python bench/soak.py $(if $(SOAK_S),--seconds $(SOAK_S))
 
 clean: ## Remove the venv and caches.
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) dist .pytest_cache .mypy_cache .ruff_cache

@@ -43,8 +43,10 @@ class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     lxc_path: str = "/var/lib/stockade/containers"
     run_dir: str = "/run/stockade"
     image: str = "stockade-sandbox"
-    # Build the sandbox image at start when it is missing; false on hosts that get it by
-    # `stockade images import` (a missing image is then an error, not a download).
+    # At start, a missing sandbox image is imported from `image_archive_dir` (an archive
+    # `stockade images export` wrote), else built when `build_image` (which downloads
+    # Debian and PyPI packages), else it is an error.
+    image_archive_dir: str = "/var/lib/stockade/images"
     build_image: bool = True
     container_prefix: str = "stockade-pool-"
     # The container's uid/gid range on the host (also written to /etc/subuid and /etc/subgid).

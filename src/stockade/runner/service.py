@@ -50,6 +50,23 @@ def ensure_user(name: str) -> pwd.struct_passwd:
         return pwd.getpwnam(name)
 
 
+def ensure_image(config: RunnerConfig) -> None:
+    """The image this code needs: already here, imported from its archive, or built."""
+    if images.is_current(config):
+        return
+    archive = images.archive_path(config, Path(config.image_archive_dir))
+    if archive.is_file():
+        log(f"importing sandbox image from {archive}")
+        images.import_archive(config, archive)
+    elif config.build_image:
+        images.build(config)
+    else:
+        raise ServiceError(
+            f"sandbox image {images.image_name(config)} is neither in {config.lxc_path} nor "
+            f"at {archive}: put the archive `stockade images export` writes there, or turn "
+            "build_image on")
+
+
 def prepare_host(config: RunnerConfig) -> tuple[Containers, pwd.struct_passwd]:
     """Everything root does once before serving; idempotent."""
     if os.geteuid() != 0:
@@ -57,12 +74,10 @@ def prepare_host(config: RunnerConfig) -> tuple[Containers, pwd.struct_passwd]:
                            "(the HTTP front drops to an unprivileged user)")
     user = ensure_user(config.user)
     ensure_subid_ranges(config)
-    if not images.is_current(config):
-        if not config.build_image:
-            raise ServiceError(
-                f"sandbox image {images.image_name(config)} is not in {config.lxc_path}: "
-                "import it with `stockade images import ARCHIVE` (build_image is off)")
-        images.build(config)
+    try:
+        ensure_image(config)
+    except images.ImageError as exc:
+        raise ServiceError(str(exc)) from None
     containers = Containers(config, runner_gid=user.pw_gid)
     containers.prepare_directories()
     left = containers.reconcile()

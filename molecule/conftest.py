@@ -1,0 +1,90 @@
+"""Testinfra for the Molecule scenarios: hosts are LXC containers reached with lxc-attach.
+
+testinfra's own `lxc` backend drives LXD's `lxc exec`, and its ansible backend would run a
+whole ansible process per command; lxc-attach runs each command in the container directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import testinfra.host
+import yaml
+from testinfra.backend import base
+
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class LxcAttachBackend(base.BaseBackend):
+    """Runs a command inside an LXC container (classic LXC, not LXD) as its root."""
+
+    NAME = "lxc-attach"
+
+    def __init__(self, name: str, *args: Any, **kwargs: Any) -> None:
+        self.name = name
+        super().__init__(name, *args, **kwargs)
+
+    def run(self, command: str, *args: str, **kwargs: Any) -> base.CommandResult:
+        cmd = self.get_command(command, *args)
+        out = self.run_local("lxc-attach -n %s --clear-env --set-var PATH=%s -- /bin/sh -c %s",
+                             self.name, PATH, cmd)
+        out.command = self.encode(cmd)
+        return out
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "bans_this_host: makes the instance ban this host's "
+                            "address for a while; runs after every other test")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A ban can outlive its unban (failures still in the journal are counted again), so
+    the tests that ban this host come last, after every test that logs in."""
+    items.sort(key=lambda item: item.get_closest_marker("bans_this_host") is not None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Instance:
+    """A scenario's container, as create.yml recorded it."""
+
+    name: str
+    ip: str
+    identity_file: Path
+
+    def ssh(self, command: str, *options: str, user: str = "root", key: Path | None = None,
+            timeout: float = 20) -> subprocess.CompletedProcess[str]:
+        """ssh from this (the Molecule) host to the container over the lxcbr0 bridge."""
+        # ssh takes the first value of an option: the caller's come before the defaults.
+        argv = ["ssh", "-F", "/dev/null", *options, "-o", "BatchMode=yes",
+                "-o", "ConnectTimeout=5",
+                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-i", str(key or self.identity_file), "-o", "LogLevel=ERROR",
+                f"{user}@{self.ip}", command]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+
+
+def _instances() -> list[Instance]:
+    config = os.environ.get("MOLECULE_INSTANCE_CONFIG")
+    if not config:
+        raise pytest.UsageError("run these tests through `molecule verify` (no "
+                                "MOLECULE_INSTANCE_CONFIG)")
+    records = yaml.safe_load(Path(config).read_text())
+    return [Instance(r["instance"], r["ip"], Path(r["identity_file"])) for r in records]
+
+
+@pytest.fixture(scope="session")
+def instance() -> Instance:
+    found = _instances()
+    assert len(found) == 1, f"the scenarios run one host each, found {found}"
+    return found[0]
+
+
+@pytest.fixture(scope="session")
+def host(instance: Instance) -> testinfra.host.Host:
+    return testinfra.host.Host(LxcAttachBackend(instance.name))

@@ -1,0 +1,41 @@
+"""Hostile programs through nginx get the right status, and the host keeps serving."""
+
+from __future__ import annotations
+
+from api import post_run
+from conftest import Instance
+
+
+def test_a_blocked_syscall_is_refused_with_eperm(instance: Instance) -> None:
+    code = ("import ctypes, errno\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "print(libc.syscall(101, 0, 0, 0, 0), errno.errorcode[ctypes.get_errno()])\n"
+            "import socket\n"
+            "try:\n    socket.socket(socket.AF_NETLINK, socket.SOCK_RAW)\n"
+            "except PermissionError as exc:\n    print('netlink', exc.errno)\n")
+    record = post_run(instance, code)
+    assert record["status"] == "ok", record
+    assert record["stdout"].splitlines() == ["-1 EPERM", "netlink 1"]  # ptrace, AF_NETLINK
+
+
+def test_out_of_memory_is_memory_limit(instance: Instance) -> None:
+    record = post_run(instance, "b = bytearray(400 << 20)", memory_mib=128)
+    assert record["status"] == "memory_limit", record
+
+
+def test_fork_bomb_is_stopped_by_the_pids_cap(instance: Instance) -> None:
+    record = post_run(instance, "import os\nwhile True: os.fork()", processes=16)
+    assert record["status"] == "runtime_error", record
+    assert "BlockingIOError" in record["stderr"]
+
+
+def test_cpu_spin_is_time_limit(instance: Instance) -> None:
+    record = post_run(instance, "while True: pass", cpu_time_s=0.5)
+    assert record["status"] == "time_limit", record
+
+
+def test_clean_runs_follow_the_hostile_ones(instance: Instance) -> None:
+    """Dirty containers were replaced; nothing a hostile run did is left for the next."""
+    for i in range(4):
+        record = post_run(instance, f"print({i})")
+        assert (record["status"], record["stdout"]) == ("ok", f"{i}\n"), record

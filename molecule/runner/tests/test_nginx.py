@@ -1,0 +1,48 @@
+"""nginx in front of the runner: a slow client is cut off at ~10 s, an oversized body is
+refused before it reaches the runner."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import testinfra.host
+
+from conftest import Instance
+
+
+def test_nginx_is_active_and_enabled(host: testinfra.host.Host) -> None:
+    nginx = host.service("nginx")
+    assert nginx.is_running and nginx.is_enabled
+
+
+def test_config_is_valid_as_loaded(host: testinfra.host.Host) -> None:
+    assert host.run("nginx -t -q").rc == 0
+
+
+def test_slow_client_is_cut_off_at_about_ten_seconds(instance: Instance) -> None:
+    """Headers dribbled one line then nothing: nginx closes at client_header_timeout."""
+    with socket.create_connection((instance.ip, 80), timeout=30) as sock:
+        sock.sendall(b"POST /v1/runs HTTP/1.1\r\nHost: stockade\r\n")
+        started = time.monotonic()
+        while sock.recv(4096):
+            pass
+        waited = time.monotonic() - started
+    assert 9.0 <= waited <= 13.0, waited
+
+
+def test_oversized_body_is_refused_with_413(instance: Instance) -> None:
+    body = json.dumps({"code": "x" * (5 << 20)}).encode()
+    request = urllib.request.Request(f"http://{instance.ip}/v1/runs", data=body)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)  # noqa: S310 - http to our test host
+    assert refused.value.code == 413
+
+
+def test_health_through_nginx(instance: Instance) -> None:
+    with urllib.request.urlopen(f"http://{instance.ip}/readyz", timeout=10) as answer:
+        assert answer.status == 200

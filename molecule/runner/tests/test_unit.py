@@ -1,0 +1,93 @@
+"""The stockade-runner systemd unit: hardening properties hold in the running service, and
+the split holds (a root manager with no new privileges, a front with no capabilities)."""
+
+from __future__ import annotations
+
+import pytest
+import testinfra.host
+
+PROPERTIES = [
+    ("NoNewPrivileges", "yes"),
+    ("ProtectSystem", "strict"),
+    ("ProtectHome", "yes"),
+    ("PrivateTmp", "yes"),
+    ("ProtectKernelTunables", "yes"),
+    ("ProtectKernelModules", "yes"),
+    ("ProtectKernelLogs", "yes"),
+    ("ProtectClock", "yes"),
+    ("RestrictRealtime", "yes"),
+    ("RestrictSUIDSGID", "yes"),
+    ("LockPersonality", "yes"),
+    ("MemoryDenyWriteExecute", "yes"),
+    ("SystemCallArchitectures", "native"),
+    ("KillMode", "mixed"),
+    ("Delegate", "yes"),
+    ("LimitCORE", "0"),
+]
+
+
+@pytest.fixture(scope="module")
+def show(host: testinfra.host.Host) -> dict[str, str]:
+    out = host.check_output("systemctl show stockade-runner")
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def test_runner_is_active_and_enabled(host: testinfra.host.Host) -> None:
+    runner = host.service("stockade-runner")
+    assert runner.is_running and runner.is_enabled
+
+
+@pytest.mark.parametrize(("name", "expected"), PROPERTIES, ids=[p[0] for p in PROPERTIES])
+def test_unit_property(show: dict[str, str], name: str, expected: str) -> None:
+    assert show[name] == expected
+
+
+def test_system_call_filter_denies_the_dangerous_groups(show: dict[str, str]) -> None:
+    """A deny-list (leading ~): none of these calls is in it as allowed."""
+    denied = show["SystemCallFilter"]
+    assert denied.startswith("~")
+    for call in ("kexec_load", "init_module", "reboot", "swapon", "settimeofday", "ptrace",
+                 "iopl", "perf_event_open"):
+        assert call in denied.split(), call
+
+
+def test_capability_bounding_set_leaves_out_what_no_part_needs(show: dict[str, str]) -> None:
+    kept = set(show["CapabilityBoundingSet"].split())
+    for cap in ("cap_sys_module", "cap_sys_rawio", "cap_sys_time", "cap_sys_boot",
+                "cap_net_raw", "cap_bpf", "cap_perfmon", "cap_syslog", "cap_ipc_lock"):
+        assert cap not in kept, cap
+    assert "cap_sys_admin" in kept  # LXC: containers are namespaces and mounts
+
+
+def test_only_state_and_runtime_paths_are_writable(show: dict[str, str]) -> None:
+    assert show["ReadWritePaths"].split() == ["/var/lib/stockade"]
+    assert sorted(show["RuntimeDirectory"].split()) == ["lxc", "stockade"]
+
+
+def process_status(host: testinfra.host.Host, pid: str) -> dict[str, str]:
+    text = host.file(f"/proc/{pid}/status").content_string
+    return {k: v.strip() for k, v in (line.split(":", 1) for line in text.splitlines())}
+
+
+def test_manager_runs_with_no_new_privs_and_seccomp(host: testinfra.host.Host,
+                                                    show: dict[str, str]) -> None:
+    """Behaviour: the kernel holds the unit's settings for the live process."""
+    status = process_status(host, show["MainPID"])
+    assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+    assert int(status["CapBnd"], 16) & (1 << 16) == 0  # CAP_SYS_MODULE
+
+
+def test_http_front_is_the_runner_user_without_capabilities(host: testinfra.host.Host,
+                                                           show: dict[str, str]) -> None:
+    children = host.check_output(f"pgrep --parent {show['MainPID']} --euid stockade")
+    (front,) = children.split()
+    status = process_status(host, front)
+    assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0
+    assert status["Uid"].split()[0] != "0"
+
+
+def test_service_cannot_write_outside_its_paths(host: testinfra.host.Host,
+                                                show: dict[str, str]) -> None:
+    """Behaviour: in the service's own mount namespace /usr is read-only."""
+    tried = host.run(f"nsenter --target {show['MainPID']} --mount touch /usr/stockade-probe")
+    assert tried.rc != 0 and "Read-only file system" in tried.stderr
