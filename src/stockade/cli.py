@@ -195,8 +195,9 @@ def cmd_images(args: argparse.Namespace) -> int:
     except images.ImageError as exc:
         print(f"stockade: {exc}", file=sys.stderr)
         return EXIT_INTERNAL
-    # Tools (the sandbox_images role) read this line to tell a change from a no-op.
-    print(f"stockade: image {name} {'installed' if changed else 'is current'}")
+    # One line on stdout that tells a change from a no-op, for scripts and Ansible.
+    done = "installed" if args.images_command == "import" else "built"
+    print(f"stockade: image {name} {done if changed else 'is current'}")
     return EXIT_OK
 
 
