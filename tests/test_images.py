@@ -1,20 +1,25 @@
 """Sandbox image archives: what `images export` writes, `images import` turns back into the
-same image on another host path; an archive of other sandbox code is refused; a runner told
-not to build refuses to start without one (the runner's start-up import from its archive
-directory is covered by the runner role's Molecule scenario)."""
+same image on another host path; an archive of other sandbox code is refused; a runner
+imports its image from its archive directory at start, and one told not to build refuses
+to start without it."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from conftest import runner_leftovers
 from stockade.runner import images
 from stockade.runner.config import RunnerConfig
+from support.service import RunnerProcess, runner_config
 
 STOCKADE = [sys.executable, "-m", "stockade"]
 
@@ -98,3 +103,36 @@ def test_serve_without_image_and_without_building_says_how_to_get_one(tmp_path: 
     assert done.returncode == 2
     assert f"nor at {tmp_path}/archives/stockade-sandbox-" in done.stderr
     assert "stockade images export" in done.stderr
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    """Beside the real pool's: LXC needs every parent of an unprivileged container's
+    rootfs traversable by the container's root, which pytest's 0700 tmp dirs are not."""
+    path = Path(f"/var/lib/stockade/test-import-{os.getpid()}")
+    path.mkdir(mode=0o711, parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_runner_imports_its_image_from_the_archive_dir_at_start(archive: Path,
+                                                               state_dir: Path) -> None:
+    archives = state_dir / "archives"
+    archives.mkdir(mode=0o700)
+    shutil.copyfile(archive, archives / archive.name)
+    config = runner_config(18097, "stockade-ti-", pool_size=1, lean_pool_size=1,
+                           lxc_path=str(state_dir / "lxc"), image_archive_dir=str(archives),
+                           build_image=False)
+    runner = RunnerProcess(config)
+    runner.start()
+    try:
+        result = runner.run("print(6 * 7)")
+        assert (result.status, result.stdout) == ("ok", "42\n")
+        assert "importing sandbox image from" in runner.log()
+        assert images.is_current(config)
+    finally:
+        runner.stop()
+        runner.close()
+    assert runner_leftovers(config) == []
