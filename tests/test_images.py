@@ -1,7 +1,7 @@
 """Sandbox image archives: what `images export` writes, `images import` turns back into the
-same image on another host path; an archive of other sandbox code is refused; a runner
-imports its image from its archive directory at start, and one told not to build refuses
-to start without it."""
+same image on another host path; an archive of other sandbox code is refused; `import-rootfs`
+refuses a rootfs that does not carry this code; a runner imports its image from its archive
+directory at start and refuses to start without one."""
 
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ def listing(rootfs: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    built = stockade("images", "build")
-    assert built.returncode == 0, built.stderr
+    status = stockade("images", "status")
+    assert status.returncode == 0, f"{status.stdout}: run `make sandbox-image` first"
     out = tmp_path_factory.mktemp("export")
     done = stockade("images", "export", "--output", str(out))
     assert done.returncode == 0, done.stderr
@@ -95,14 +95,35 @@ def test_import_refuses_an_archive_of_other_sandbox_code(tmp_path: Path) -> None
     assert not list((tmp_path / "lxc").iterdir())  # nothing half-installed is left
 
 
-def test_serve_without_image_and_without_building_says_how_to_get_one(tmp_path: Path) -> None:
-    cfg = config_file(tmp_path, lxc_path=str(tmp_path / "lxc"), build_image=False,
+def test_serve_without_image_or_archive_says_how_to_get_one(tmp_path: Path) -> None:
+    cfg = config_file(tmp_path, lxc_path=str(tmp_path / "lxc"),
                       image_archive_dir=str(tmp_path / "archives"), port=18099,
                       run_dir=str(tmp_path / "run"))
     done = stockade("serve", "--config", str(cfg))
     assert done.returncode == 2
     assert f"nor at {tmp_path}/archives/stockade-sandbox-" in done.stderr
-    assert "stockade images export" in done.stderr
+    assert "make sandbox-image" in done.stderr
+
+
+def test_import_rootfs_refuses_a_rootfs_with_other_sandbox_code(tmp_path: Path) -> None:
+    """The image is named by this code's digest, so its rootfs must carry this code."""
+    site = tmp_path / "rootfs" / images.SITE.format(version="3.11") / "stockade"
+    (tmp_path / "rootfs/usr/bin").mkdir(parents=True)
+    (tmp_path / "rootfs/usr/bin/python3").symlink_to("python3.11")
+    source = images.package_root()
+    for path in images.package_files():  # the very files the digest is made of
+        copy = site / path.relative_to(source)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(path.read_bytes())
+    (site / "sandbox" / "seccomp.py").write_text("ALLOW_EVERYTHING = True\n")
+    tarball = tmp_path / "rootfs.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(tmp_path / "rootfs", arcname="./rootfs")
+    cfg = config_file(tmp_path, lxc_path=str(tmp_path / "lxc"))
+    done = stockade("images", "import-rootfs", "--config", str(cfg), str(tarball))
+    assert done.returncode != 0
+    assert "sandbox/seccomp.py is not this stockade's seccomp.py" in done.stderr
+    assert not list((tmp_path / "lxc").iterdir())
 
 
 @pytest.fixture
@@ -123,8 +144,7 @@ def test_runner_imports_its_image_from_the_archive_dir_at_start(archive: Path,
     archives.mkdir(mode=0o700)
     shutil.copyfile(archive, archives / archive.name)
     config = runner_config(18097, "stockade-ti-", pool_size=1, lean_pool_size=1,
-                           lxc_path=str(state_dir / "lxc"), image_archive_dir=str(archives),
-                           build_image=False)
+                           lxc_path=str(state_dir / "lxc"), image_archive_dir=str(archives))
     runner = RunnerProcess(config)
     runner.start()
     try:

@@ -71,13 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     im = sub.add_parser("images", help="manage the sandbox container image (root)")
     im_sub = im.add_subparsers(dest="images_command", required=True, parser_class=_Parser)
-    build = im_sub.add_parser("build", help="build the image unless it is current")
-    build.add_argument("--force", action="store_true", help="rebuild even if current")
+    status = im_sub.add_parser("status", help="name the image this code needs; exit 0 if "
+                               "it is installed, 1 if not")
+    stage = im_sub.add_parser("stage", help="write what the Packer build puts in the rootfs")
+    stage.add_argument("--output", required=True, metavar="DIR")
+    rootfs = im_sub.add_parser("import-rootfs", help="install the rootfs Packer exported "
+                               "unless the image is current")
+    rootfs.add_argument("tarball", metavar="ROOTFS_TAR_GZ")
+    rootfs.add_argument("--force", action="store_true", help="reinstall even if current")
     export = im_sub.add_parser("export", help="write the current image as IMAGE.tar.gz")
     export.add_argument("--output", default=".", metavar="DIR", help="directory (default .)")
     imp = im_sub.add_parser("import", help="install an exported image unless it is current")
     imp.add_argument("archive", metavar="ARCHIVE", help="a file `images export` wrote")
-    for each in (build, export, imp):
+    for each in (status, rootfs, export, imp):
         each.add_argument("--config", metavar="FILE",
                           help=f"JSON config (default {DEFAULT_CONFIG})")
     ck = sub.add_parser("check-config", help="validate a runner config file, print it in full")
@@ -179,11 +185,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_images(args: argparse.Namespace) -> int:
     from stockade.runner import images  # noqa: PLC0415 - needs the runner extra
 
+    if args.images_command == "stage":
+        print(images.stage(Path(args.output)))
+        return EXIT_OK
     config = _runner_config(args.config)
+    name = images.image_name(config)
+    if args.images_command == "status":
+        current = images.is_current(config)
+        print(f"stockade: image {name} {'is current' if current else 'is not installed'}")
+        return EXIT_OK if current else 1
     if os.geteuid() != 0:
         raise UsageError(f"images {args.images_command} needs root: container rootfs files "
                          "belong to the containers' uid range")
-    name = images.image_name(config)
     try:
         if args.images_command == "export":
             print(images.export(config, Path(args.output)))
@@ -191,13 +204,12 @@ def cmd_images(args: argparse.Namespace) -> int:
         if args.images_command == "import":
             changed = images.import_archive(config, Path(args.archive))
         else:
-            changed = images.build(config, force=args.force)
+            changed = images.import_rootfs(config, Path(args.tarball), force=args.force)
     except images.ImageError as exc:
         print(f"stockade: {exc}", file=sys.stderr)
         return EXIT_INTERNAL
     # One line on stdout that tells a change from a no-op, for scripts and Ansible.
-    done = "installed" if args.images_command == "import" else "built"
-    print(f"stockade: image {name} {done if changed else 'is current'}")
+    print(f"stockade: image {name} {'installed' if changed else 'is current'}")
     return EXIT_OK
 
 

@@ -43,11 +43,9 @@ class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     lxc_path: str = "/var/lib/stockade/containers"
     run_dir: str = "/run/stockade"
     image: str = "stockade-sandbox"
-    # At start, a missing sandbox image is imported from `image_archive_dir` (an archive
-    # `stockade images export` wrote), else built when `build_image` (which downloads
-    # Debian and PyPI packages), else it is an error.
+    # At start, a missing sandbox image is imported from `image_archive_dir` (the archive
+    # `stockade images export` wrote); without one the runner refuses to start.
     image_archive_dir: str = "/var/lib/stockade/images"
-    build_image: bool = True
     container_prefix: str = "stockade-pool-"
     # The container's uid/gid range on the host (also written to /etc/subuid and /etc/subgid).
     idmap_base: int = 100000

@@ -122,7 +122,7 @@ class Containers:
         base = lxc.Container(image, self.lxc_path)
         if not base.defined:
             raise ContainerError(f"the sandbox image {image} is missing: "
-                                 "run `stockade images build`")
+                                 "run `make sandbox-image`")
         directory = self._socket_dir(name, preload)
         try:
             container = base.clone(name, config_path=self.lxc_path,
@@ -169,7 +169,7 @@ class Containers:
                     pass
             if not lxc.Container(name, self.lxc_path).running:
                 raise ContainerError(f"container {name} stopped before its zygote served "
-                                     f"(is the image current? `stockade images build`): "
+                                     f"(is the image current? `make sandbox-image`): "
                                      f"{self._console_tail(name)}")
             time.sleep(0.01)
         raise ContainerError(f"the zygote in {name} did not serve within {timeout_s} s")

@@ -1,10 +1,12 @@
-"""Build the sandbox container image: a Debian bookworm rootfs with python3, the sandbox
-package and the preloads, shifted into the containers' uid range and never started itself.
+"""The sandbox container image: a Debian bookworm rootfs with python3, the sandbox package
+and the preloads, shifted into the containers' uid range and never started itself.
 
-Pool containers are overlay snapshot clones of it. Building is idempotent: an image is
-named by a digest of what went into it (`stockade-sandbox-<digest>`), so a rebuild makes a
-new one beside the old, which stays until no container is cloned from it any more.
-An image can be exported as an archive and imported on hosts that never build one.
+Packer builds the rootfs (`make sandbox-image`: packer/sandbox.pkr.hcl, provisioned by
+ansible/sandbox.yml from what `stage` writes); `import_rootfs` checks it carries this
+code, shifts it and installs it. Pool containers are overlay snapshot clones of it. An
+image is named by a digest of what went into it (`stockade-sandbox-<digest>`), so a new
+one goes beside the old, which stays until no container is cloned from it any more.
+Hosts get it as the archive `export` writes and `import_archive` installs.
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ import msgspec
 import stockade
 from stockade.runner.config import RunnerConfig
 
-IMAGE_FORMAT = 2  # bump when the layout below changes (2: no set-id bits)
+# Part of the digest: bump it when the recipe changes (packer/sandbox.pkr.hcl,
+# ansible/sandbox.yml), which the runner cannot see. 2: no set-id bits; 3: built by Packer.
+IMAGE_FORMAT = 3
 SUITE = "bookworm"
+PYTHON = "3.11"  # bookworm's: the wheels are downloaded for it
 STAMP = "stockade-image.json"
 SITE = "usr/local/lib/python{version}/dist-packages"  # Debian's sys.path, in read-only /usr
 # Inside a container: the host directory bind-mounted for its zygote's config and socket.
@@ -59,8 +64,12 @@ def sandbox_requirements() -> list[str]:
 CONTAINER_MODULES = ("__init__.py", "limits.py", "protocol.py", "result.py", "sandbox")
 
 
-def _package_files() -> list[Path]:
-    root = Path(stockade.__file__).parent
+def package_root() -> Path:
+    return Path(stockade.__file__).parent
+
+
+def package_files() -> list[Path]:
+    root = package_root()
     return sorted(p for p in root.rglob("*.py")
                   if p.relative_to(root).parts[0] in CONTAINER_MODULES)
 
@@ -70,8 +79,8 @@ def digest() -> str:
     """What the image is made of: format, suite, requirements and the sandbox's source
     (read once: the image a process needs is the one its own code was loaded from)."""
     h = hashlib.sha256(f"{IMAGE_FORMAT} {SUITE} {sandbox_requirements()}".encode())
-    root = Path(stockade.__file__).parent
-    for path in _package_files():
+    root = package_root()
+    for path in package_files():
         h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
@@ -98,18 +107,45 @@ def is_current(config: RunnerConfig) -> bool:
         image_dir(config) / "rootfs" / "usr").is_dir()
 
 
-def build(config: RunnerConfig, force: bool = False, log: bool = True) -> bool:
-    """Build the image unless the current one matches; True if something was built."""
+def stage(directory: Path) -> Path:
+    """Everything the Packer build puts into the rootfs: the pinned wheels (and pip's own,
+    which runs from its wheel, so the image needs no pip package) and the sandbox's
+    sources, exactly the files the digest is made of."""
+    remove_tree(directory)
+    wheels = directory / "wheels"
+    wheels.mkdir(parents=True)
+    requirements = sandbox_requirements()
+    (wheels / "requirements.txt").write_text("\n".join(requirements) + "\n")
+    machine = os.uname().machine
+    _run([sys.executable, "-m", "pip", "download", "--quiet", "--no-input",
+          "--disable-pip-version-check", "--only-binary=:all:", "--implementation", "cp",
+          "--python-version", PYTHON, "--platform", f"manylinux2014_{machine}",
+          "--platform", f"manylinux_2_28_{machine}", "--dest", str(wheels),
+          f"pip=={importlib.metadata.version('pip')}", *requirements], "pip download")
+    for path in package_files():
+        dest = directory / "stockade" / path.relative_to(package_root())
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+    return directory
+
+
+def import_rootfs(config: RunnerConfig, tarball: Path, force: bool = False) -> bool:
+    """Install the rootfs Packer exported (`./rootfs/...`, privileged owners) as the image
+    unless the current one is here; True if installed. Refused unless its sandbox sources
+    are this code's, byte for byte: the digest it is named by says they are."""
     if is_current(config) and not force:
         return False
-    started = time.monotonic()
     lxc_path = Path(config.lxc_path)
     lxc_path.mkdir(mode=0o711, parents=True, exist_ok=True)
-    staging = lxc_path / f".build-{image_name(config)}"
+    staging = lxc_path / f".rootfs-{image_name(config)}"
     remove_tree(staging)
+    staging.mkdir(mode=0o700)
     try:
-        rootfs = _create_rootfs(staging, config.image, log)
-        python = _install_sandbox(rootfs)
+        _run(["tar", "-C", str(staging), "--extract", "--file", str(tarball), "--gzip",
+              "--numeric-owner", "--same-owner", "--same-permissions", "--xattrs", "--acls"],
+             f"extracting {tarball}")
+        rootfs = staging / "rootfs"
+        python = _check_rootfs(rootfs)
         _shift_ownership(rootfs, config.idmap_base)
         _install(config, rootfs)
         stamp = Stamp(digest=digest(), built_at=time.time(), python=python,
@@ -117,13 +153,23 @@ def build(config: RunnerConfig, force: bool = False, log: bool = True) -> bool:
         (image_dir(config) / STAMP).write_bytes(msgspec.json.encode(stamp))
     finally:
         remove_tree(staging)
-    pruned = prune(config)
-    if log:
-        print(f"stockade: built image {image_name(config)} in "
-              f"{time.monotonic() - started:.1f} s at {image_dir(config)}"
-              + (f"; removed old images {', '.join(pruned)}" if pruned else ""),
-              file=sys.stderr)
+    prune(config)
     return True
+
+
+def _check_rootfs(rootfs: Path) -> str:
+    """The rootfs's python version, once its sandbox sources are known to be this code's."""
+    try:
+        python = os.readlink(rootfs / "usr/bin/python3").removeprefix("python")
+    except OSError:
+        raise ImageError(f"{rootfs.parent} holds no Debian rootfs with python3") from None
+    installed = rootfs / SITE.format(version=python) / "stockade"
+    for path in package_files():
+        copy = installed / path.relative_to(package_root())
+        if not copy.is_file() or copy.read_bytes() != path.read_bytes():
+            raise ImageError(f"the rootfs's {copy.relative_to(rootfs)} is not this stockade's "
+                             f"{path.name}: build it from this checkout (`make sandbox-image`)")
+    return python
 
 
 def archive_path(config: RunnerConfig, directory: Path) -> Path:
@@ -134,7 +180,7 @@ def export(config: RunnerConfig, directory: Path) -> Path:
     """Write the current image (rootfs and stamp, owners numeric) as an archive; the host
     config is left out: `import_archive` writes it for the importing host's paths."""
     if not is_current(config):
-        raise ImageError(f"image {image_name(config)} is not built: run `stockade images build`")
+        raise ImageError(f"image {image_name(config)} is not installed: run `make sandbox-image`")
     target = archive_path(config, directory)
     if target.is_file():  # named by the digest: the same image, complete (renamed last)
         return target
@@ -196,53 +242,11 @@ def prune(config: RunnerConfig) -> list[str]:
     return removed
 
 
-def _run(argv: list[str], what: str, env: dict[str, str] | None = None) -> None:
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+def _run(argv: list[str], what: str) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
         raise ImageError(f"{what} failed (exit {proc.returncode}): " + "\n".join(tail))
-
-
-def _create_rootfs(staging: Path, name: str, log: bool) -> Path:
-    """A privileged Debian rootfs from the lxc debian template (cached after the first)."""
-    if shutil.which("lxc-create") is None:
-        raise ImageError("lxc-create is missing: install the lxc and lxc-templates packages")
-    if log:
-        print("stockade: creating the sandbox rootfs (lxc-create -t debian; the first time "
-              "downloads Debian packages, ~1-2 min)", file=sys.stderr)
-    staging.mkdir(mode=0o700)
-    _run(["lxc-create", "-P", str(staging), "-n", name, "-t", "debian", "--",
-          "-r", SUITE, "--packages=python3"], "lxc-create -t debian",
-         env={**os.environ, "LANG": "C.UTF-8"})
-    return staging / name / "rootfs"
-
-
-def _install_sandbox(rootfs: Path) -> str:
-    """Put the pinned wheels and the sandbox package on the rootfs python's path."""
-    python = os.readlink(rootfs / "usr/bin/python3").removeprefix("python")  # e.g. "3.11"
-    site = rootfs / SITE.format(version=python)
-    site.mkdir(parents=True, exist_ok=True)
-    _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-input",
-          "--disable-pip-version-check", "--no-compile", "--only-binary=:all:",
-          "--implementation", "cp", "--python-version", python,
-          "--platform", f"manylinux2014_{os.uname().machine}",
-          "--platform", f"manylinux_2_28_{os.uname().machine}",
-          "--target", str(site), *sandbox_requirements()], "pip install into the rootfs")
-    package_root = Path(stockade.__file__).parent
-    target = site / "stockade"
-    remove_tree(target)
-    for path in _package_files():
-        dest = target / path.relative_to(package_root)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dest)
-    # Compile and smoke-test with the rootfs's own interpreter.
-    _run(["chroot", str(rootfs), "/usr/bin/python3", "-m", "compileall", "-q",
-          f"/{site.relative_to(rootfs)}"], "compileall in the rootfs")
-    _run(["chroot", str(rootfs), "/usr/bin/python3", "-I", "-c",
-          "import stockade.sandbox.zygote, numpy, pandas"], "import check in the rootfs")
-    for entry in (rootfs / "var/cache/apt/archives").glob("*.deb"):
-        entry.unlink()
-    return python
 
 
 def _shift_ownership(rootfs: Path, base: int) -> None:
@@ -263,7 +267,7 @@ def container_config(config: RunnerConfig, rootfs: Path) -> str:
     """The base container's config; pool clones add their socket mount and cgroup caps."""
     base, size = config.idmap_base, config.idmap_size
     return "\n".join([
-        "# Written by `stockade images build`. Never started: pool containers are",
+        "# Written by `stockade images`. Never started: pool containers are",
         "# overlay snapshot clones of it.",
         "lxc.include = /usr/share/lxc/config/common.conf",
         "lxc.include = /usr/share/lxc/config/userns.conf",

@@ -51,20 +51,17 @@ def ensure_user(name: str) -> pwd.struct_passwd:
 
 
 def ensure_image(config: RunnerConfig) -> None:
-    """The image this code needs: already here, imported from its archive, or built."""
+    """The image this code needs: already here, or imported from its archive."""
     if images.is_current(config):
         return
     archive = images.archive_path(config, Path(config.image_archive_dir))
-    if archive.is_file():
-        log(f"importing sandbox image from {archive}")
-        images.import_archive(config, archive)
-    elif config.build_image:
-        images.build(config)
-    else:
+    if not archive.is_file():
         raise ServiceError(
             f"sandbox image {images.image_name(config)} is neither in {config.lxc_path} nor "
-            f"at {archive}: put the archive `stockade images export` writes there, or turn "
-            "build_image on")
+            f"at {archive}: build it from this checkout with `make sandbox-image`, or put "
+            "the archive `stockade images export` writes there")
+    log(f"importing sandbox image from {archive}")
+    images.import_archive(config, archive)
 
 
 def prepare_host(config: RunnerConfig) -> tuple[Containers, pwd.struct_passwd]:

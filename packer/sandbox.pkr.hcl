@@ -1,0 +1,44 @@
+# The sandbox container image: Debian bookworm with python3, the pinned wheels and the
+# sandbox package, provisioned by ansible/sandbox.yml. `make sandbox-image` runs it with
+# the stage `stockade images stage` wrote, then `stockade images import-rootfs` shifts the
+# exported rootfs into the containers' uid range and `stockade images export` archives it.
+# Changed this recipe? Bump IMAGE_FORMAT in src/stockade/runner/images.py: the
+# image's name (its digest) must change with it, or no host gets the new one.
+
+variable "stage" {
+  type        = string
+  description = "Directory `stockade images stage` wrote (wheels, sandbox sources)."
+}
+
+variable "output" {
+  type        = string
+  description = "Directory the rootfs.tar.gz is exported to (must not exist)."
+}
+
+variable "container_name" {
+  type    = string
+  default = "stockade-packer-sandbox"
+}
+
+source "lxc" "sandbox" {
+  config_file         = "${path.root}/sandbox-build.conf"
+  template_name       = "debian"
+  template_parameters = ["-r", "bookworm", "--packages=python3"]
+  output_directory    = var.output
+  container_name      = var.container_name
+  init_timeout        = "120s"
+}
+
+build {
+  sources = ["source.lxc.sandbox"]
+
+  # Packer's ssh proxy hangs with the lxc builder: Ansible attaches to the container itself.
+  provisioner "ansible" {
+    playbook_file = "${path.root}/../ansible/sandbox.yml"
+    extra_arguments = [
+      "-c", "community.general.lxc",
+      "-e", "ansible_host=${var.container_name}",
+      "-e", "sandbox_stage=${var.stage}",
+    ]
+  }
+}
