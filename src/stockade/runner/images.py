@@ -11,6 +11,7 @@ Hosts get it as the archive `export` writes and `import_archive` installs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -20,6 +21,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -135,15 +137,7 @@ def import_rootfs(config: RunnerConfig, tarball: Path, force: bool = False) -> b
     are this code's, byte for byte: the digest it is named by says they are."""
     if is_current(config) and not force:
         return False
-    lxc_path = Path(config.lxc_path)
-    lxc_path.mkdir(mode=0o711, parents=True, exist_ok=True)
-    staging = lxc_path / f".rootfs-{image_name(config)}"
-    remove_tree(staging)
-    staging.mkdir(mode=0o700)
-    try:
-        _run(["tar", "-C", str(staging), "--extract", "--file", str(tarball), "--gzip",
-              "--numeric-owner", "--same-owner", "--same-permissions", "--xattrs", "--acls"],
-             f"extracting {tarball}")
+    with _unpacked(config, tarball, "rootfs") as staging:
         rootfs = staging / "rootfs"
         python = _check_rootfs(rootfs)
         _shift_ownership(rootfs, config.idmap_base)
@@ -151,10 +145,27 @@ def import_rootfs(config: RunnerConfig, tarball: Path, force: bool = False) -> b
         stamp = Stamp(digest=digest(), built_at=time.time(), python=python,
                       packages=sandbox_requirements())
         (image_dir(config) / STAMP).write_bytes(msgspec.json.encode(stamp))
-    finally:
-        remove_tree(staging)
     prune(config)
     return True
+
+
+@contextlib.contextmanager
+def _unpacked(config: RunnerConfig, tarball: Path, purpose: str,
+              *members: str) -> Iterator[Path]:
+    """`tarball` extracted with its owners and modes into a staging directory beside the
+    images (so installing is a rename), removed again on the way out."""
+    lxc_path = Path(config.lxc_path)
+    lxc_path.mkdir(mode=0o711, parents=True, exist_ok=True)
+    staging = lxc_path / f".{purpose}-{image_name(config)}"
+    remove_tree(staging)
+    staging.mkdir(mode=0o700)
+    try:
+        _run(["tar", "-C", str(staging), "--extract", "--file", str(tarball), "--gzip",
+              "--numeric-owner", "--same-owner", "--same-permissions", "--xattrs", "--acls",
+              *members], f"extracting {tarball}")
+        yield staging
+    finally:
+        remove_tree(staging)
 
 
 def _check_rootfs(rootfs: Path) -> str:
@@ -200,15 +211,7 @@ def import_archive(config: RunnerConfig, archive: Path) -> bool:
     archive made by other sandbox code is refused: its runner would not match it."""
     if is_current(config):
         return False
-    lxc_path = Path(config.lxc_path)
-    lxc_path.mkdir(mode=0o711, parents=True, exist_ok=True)
-    staging = lxc_path / f".import-{image_name(config)}"
-    remove_tree(staging)
-    staging.mkdir(mode=0o700)
-    try:
-        _run(["tar", "-C", str(staging), "--extract", "--file", str(archive), "--gzip",
-              "--numeric-owner", "--same-owner", "--same-permissions", "--xattrs", "--acls",
-              STAMP, "rootfs"], f"extracting {archive}")
+    with _unpacked(config, archive, "import", STAMP, "rootfs") as staging:
         try:
             stamp = msgspec.json.decode((staging / STAMP).read_bytes(), type=Stamp)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -219,8 +222,6 @@ def import_archive(config: RunnerConfig, archive: Path) -> bool:
                 f"{digest()[:12]}: export the image with the same stockade version")
         _install(config, staging / "rootfs")
         (image_dir(config) / STAMP).write_bytes(msgspec.json.encode(stamp))
-    finally:
-        remove_tree(staging)
     prune(config)
     return True
 
