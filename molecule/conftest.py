@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,19 @@ class Instance:
     name: str
     ip: str
     identity_file: Path
+
+    def connect(self, port: int, timeout: float = 3.0) -> str:
+        """A TCP connect from this host: 'open', 'refused' (a RST: nothing listens, nothing
+        filters), 'dropped' (silence) or 'unreachable' (any other error)."""
+        try:
+            with socket.create_connection((self.ip, port), timeout=timeout):
+                return "open"
+        except ConnectionRefusedError:
+            return "refused"
+        except TimeoutError:
+            return "dropped"
+        except OSError:
+            return "unreachable"
 
     def ssh(self, command: str, *options: str, user: str = "root", key: Path | None = None,
             timeout: float = 20) -> subprocess.CompletedProcess[str]:
