@@ -1,15 +1,20 @@
-"""Testinfra for the Molecule scenarios: hosts are LXC containers reached with lxc-attach.
+"""Testinfra for the Molecule scenarios and the image test.
 
-testinfra's own `lxc` backend drives LXD's `lxc exec`, and its ansible backend would run a
-whole ansible process per command; lxc-attach runs each command in the container directly.
+A Molecule host is an LXC container reached with lxc-attach: testinfra's own `lxc` backend
+drives LXD's `lxc exec`, and its ansible backend would run a whole ansible process per
+command; lxc-attach runs each command in the container directly. The image test
+(`make image-test`) records a booted VM instead: reached over ssh, its ports forwarded to
+this host's loopback by qemu's user-mode network.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import socket
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,8 @@ class LxcAttachBackend(base.BaseBackend):
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "bans_this_host: makes the instance ban this host's "
                             "address for a while; runs after every other test")
+    config.addinivalue_line("markers", "direct_network: needs packets from this host to reach "
+                            "the instance unproxied (not through qemu's port forwards)")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -49,19 +56,33 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("bans_this_host") is not None)
 
 
+SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-o", "StrictHostKeyChecking=no",
+               "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR")
+
+
 @dataclasses.dataclass(frozen=True)
 class Instance:
-    """A scenario's container, as create.yml recorded it."""
+    """A scenario's container as create.yml recorded it, or the image test's VM."""
 
     name: str
     ip: str
     identity_file: Path
+    # How testinfra reaches it: "lxc" (lxc-attach) or "ssh".
+    backend: str = "lxc"
+    # The instance's port -> the port on `ip` that reaches it (qemu's forwards).
+    ports: Mapping[int, int] = dataclasses.field(default_factory=dict)
+
+    def port(self, port: int) -> int:
+        return self.ports.get(port, port)
+
+    def url(self, path: str) -> str:
+        return f"http://{self.ip}:{self.port(80)}{path}"
 
     def connect(self, port: int, timeout: float = 3.0) -> str:
         """A TCP connect from this host: 'open', 'refused' (a RST: nothing listens, nothing
         filters), 'dropped' (silence) or 'unreachable' (any other error)."""
         try:
-            with socket.create_connection((self.ip, port), timeout=timeout):
+            with socket.create_connection((self.ip, self.port(port)), timeout=timeout):
                 return "open"
         except ConnectionRefusedError:
             return "refused"
@@ -72,12 +93,10 @@ class Instance:
 
     def ssh(self, command: str, *options: str, user: str = "root", key: Path | None = None,
             timeout: float = 20) -> subprocess.CompletedProcess[str]:
-        """ssh from this (the Molecule) host to the container over the lxcbr0 bridge."""
+        """ssh from this (the Molecule) host to the instance."""
         # ssh takes the first value of an option: the caller's come before the defaults.
-        argv = ["ssh", "-F", "/dev/null", *options, "-o", "BatchMode=yes",
-                "-o", "ConnectTimeout=5",
-                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                "-i", str(key or self.identity_file), "-o", "LogLevel=ERROR",
+        argv = ["ssh", "-F", "/dev/null", *options, *SSH_OPTIONS,
+                "-i", str(key or self.identity_file), "-p", str(self.port(22)),
                 f"{user}@{self.ip}", command]
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                               check=False)
@@ -89,7 +108,10 @@ def _instances() -> list[Instance]:
         raise pytest.UsageError("run these tests through `molecule verify` (no "
                                 "MOLECULE_INSTANCE_CONFIG)")
     records = yaml.safe_load(Path(config).read_text())
-    return [Instance(r["instance"], r["ip"], Path(r["identity_file"])) for r in records]
+    return [Instance(r["instance"], r["ip"], Path(r["identity_file"]),
+                     r.get("backend", "lxc"),
+                     {int(k): int(v) for k, v in r.get("ports", {}).items()})
+            for r in records]
 
 
 @pytest.fixture(scope="session")
@@ -101,4 +123,8 @@ def instance() -> Instance:
 
 @pytest.fixture(scope="session")
 def host(instance: Instance) -> testinfra.host.Host:
+    if instance.backend == "ssh":
+        return testinfra.get_host(f"ssh://root@{instance.ip}:{instance.port(22)}",
+                                  ssh_identity_file=str(instance.identity_file),
+                                  ssh_extra_args=shlex.join(SSH_OPTIONS))
     return testinfra.host.Host(LxcAttachBackend(instance.name))

@@ -53,6 +53,7 @@ def test_fail2ban_runs_the_sshd_jail_on_the_journal(host: testinfra.host.Host) -
 
 
 @pytest.mark.bans_this_host
+@pytest.mark.direct_network
 def test_failed_logins_get_the_address_banned(host: testinfra.host.Host, instance: Instance,
                                                unban_afterwards: str) -> None:
     address = unban_afterwards

@@ -53,6 +53,7 @@ def test_ruleset_is_loaded_at_boot(host: testinfra.host.Host) -> None:
     assert "table inet stockade" in host.file("/etc/nftables.conf").content_string
 
 
+@pytest.mark.direct_network
 @pytest.mark.usefixtures("listeners")
 def test_port_not_allowed_is_dropped_though_something_listens(
         host: testinfra.host.Host, instance: Instance) -> None:

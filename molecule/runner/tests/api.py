@@ -12,10 +12,10 @@ from conftest import Instance
 
 def post_run(instance: Instance, code: str, timeout: float = 60, **limits: Any) -> dict[str, Any]:
     body = json.dumps({"code": code, "limits": limits}).encode()
-    request = urllib.request.Request(f"http://{instance.ip}/v1/runs", data=body,
+    request = urllib.request.Request(instance.url("/v1/runs"), data=body,
                                      headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as answer:  # noqa: S310 - http to our test host
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
             record: dict[str, Any] = json.load(answer)
             return record
     except urllib.error.HTTPError as exc:

@@ -12,9 +12,6 @@ import testinfra.host
 from api import post_run
 from conftest import Instance
 
-# The scenario's runner_settings (molecule.yml): default and maximum limits.
-DEFAULT_CPU_S, DEFAULT_FSIZE_KIB = 2, 1024
-MAX_MEMORY_MIB, MAX_PROCESSES, OVERHEAD_MIB = 512, 64, 512
 # The sandbox's own per-process ceilings (SandboxConfig defaults).
 NOFILE, NPROC, STACK_MIB = 256, 512, 8
 
@@ -28,6 +25,14 @@ for line in open("/proc/self/limits").read().splitlines()[1:]:
 print(json.dumps({"status": {k: v.strip() for k, v in status.items()}, "limits": limits,
                   "cgroup": open("/proc/self/cgroup").read()}))
 """
+
+
+@pytest.fixture(scope="module")
+def config(host: testinfra.host.Host) -> dict[str, Any]:
+    """The host's runner config in full (defaults filled in), as the runner reads it."""
+    result: dict[str, Any] = json.loads(host.check_output(
+        "/opt/stockade/venv/bin/stockade check-config /etc/stockade/runner.json"))
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -58,21 +63,26 @@ def test_runs_as_a_non_root_uid_and_gid(report: dict[str, Any]) -> None:
     assert len(set(uids)) == 1 and len(set(gids)) == 1  # real, effective, saved, fs
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("Max cpu time", [str(DEFAULT_CPU_S), str(DEFAULT_CPU_S + 1)]),  # SIGXCPU, then SIGKILL
-    ("Max file size", [str(DEFAULT_FSIZE_KIB * 1024)] * 2),
-    ("Max open files", [str(NOFILE)] * 2),
-    ("Max processes", [str(NPROC)] * 2),
-    ("Max stack size", [str(STACK_MIB << 20)] * 2),
-    ("Max core file size", ["0", "0"]),
-    ("Max locked memory", ["0", "0"]),
-    ("Max file locks", ["0", "0"]),
-    ("Max msgqueue size", ["0", "0"]),
-    ("Max realtime priority", ["0", "0"]),
+def expected_rlimit(config: dict[str, Any], name: str) -> list[str]:
+    default = config["limits"]["default"]
+    cpu_s = int(default["cpu_time_s"])
+    return {
+        "Max cpu time": [str(cpu_s), str(cpu_s + 1)],  # SIGXCPU, then SIGKILL
+        "Max file size": [str(default["file_size_kib"] * 1024)] * 2,
+        "Max open files": [str(NOFILE)] * 2,
+        "Max processes": [str(NPROC)] * 2,
+        "Max stack size": [str(STACK_MIB << 20)] * 2,
+    }.get(name, ["0", "0"])
+
+
+@pytest.mark.parametrize("name", [
+    "Max cpu time", "Max file size", "Max open files", "Max processes", "Max stack size",
+    "Max core file size", "Max locked memory", "Max file locks", "Max msgqueue size",
+    "Max realtime priority",
 ])
-def test_rlimits_are_the_configured_ones(report: dict[str, Any], name: str,
-                                         expected: list[str]) -> None:
-    assert report["limits"][name] == expected
+def test_rlimits_are_the_configured_ones(report: dict[str, Any], config: dict[str, Any],
+                                         name: str) -> None:
+    assert report["limits"][name] == expected_rlimit(config, name)
 
 
 def test_a_request_s_own_limits_reach_the_rlimits(instance: Instance) -> None:
@@ -108,8 +118,10 @@ def container_cgroups(host: testinfra.host.Host) -> dict[str, tuple[int, int]]:
 
 
 def test_every_pool_container_has_the_configured_cgroup_caps(
-        host: testinfra.host.Host) -> None:
+        host: testinfra.host.Host, config: dict[str, Any]) -> None:
     caps = container_cgroups(host)
     assert len(caps) >= 2, caps  # a full and a lean container
-    expected = ((MAX_MEMORY_MIB + OVERHEAD_MIB) << 20, MAX_PROCESSES + 64)
+    maximum = config["limits"]["maximum"]
+    expected = ((maximum["memory_mib"] + config["container_memory_overhead_mib"]) << 20,
+                maximum["processes"] + 64)
     assert set(caps.values()) == {expected}, caps

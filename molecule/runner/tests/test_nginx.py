@@ -26,7 +26,7 @@ def test_config_is_valid_as_loaded(host: testinfra.host.Host) -> None:
 
 def test_slow_client_is_cut_off_at_about_ten_seconds(instance: Instance) -> None:
     """Headers dribbled one line then nothing: nginx closes at client_header_timeout."""
-    with socket.create_connection((instance.ip, 80), timeout=30) as sock:
+    with socket.create_connection((instance.ip, instance.port(80)), timeout=30) as sock:
         sock.sendall(b"POST /v1/runs HTTP/1.1\r\nHost: stockade\r\n")
         started = time.monotonic()
         while sock.recv(4096):
@@ -37,12 +37,12 @@ def test_slow_client_is_cut_off_at_about_ten_seconds(instance: Instance) -> None
 
 def test_oversized_body_is_refused_with_413(instance: Instance) -> None:
     body = json.dumps({"code": "x" * (5 << 20)}).encode()
-    request = urllib.request.Request(f"http://{instance.ip}/v1/runs", data=body)
+    request = urllib.request.Request(instance.url("/v1/runs"), data=body)
     with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(request, timeout=30)  # noqa: S310 - http to our test host
+        urllib.request.urlopen(request, timeout=30)
     assert refused.value.code == 413
 
 
 def test_health_through_nginx(instance: Instance) -> None:
-    with urllib.request.urlopen(f"http://{instance.ip}/readyz", timeout=10) as answer:
+    with urllib.request.urlopen(instance.url("/readyz"), timeout=10) as answer:
         assert answer.status == 200
