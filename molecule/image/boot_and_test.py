@@ -1,0 +1,195 @@
+"""`make image-test`: boot the host image's qcow2 under qemu and run the host testinfra suite
+against the running VM over ssh.
+
+The artifact is never written: the VM boots a throwaway qcow2 overlay. qemu's user-mode
+network forwards the guest's ssh and http ports to free ports on this host's loopback only.
+The admin key reaches the guest as a systemd credential (`ssh.authorized_keys.root` over
+fw_cfg), the way a provider's metadata would: the image itself carries no key. The tests
+are the Molecule scenarios' own (hardening, runner) plus the image's (stamp, first boot),
+less the few that need packets to reach the instance unproxied. The VM is shut down on
+every path; on any failure the VM's serial console log is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+MOLECULE = HERE.parent
+SUITES = [MOLECULE / "hardening" / "tests", MOLECULE / "runner" / "tests", HERE / "tests"]
+# Done at image build time, not at the runner's first start: tests/test_image.py checks the
+# image's own version of it.
+DESELECT = ["runner/tests/test_image.py::test_runner_imported_the_archived_image"]
+SSH = ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
+       "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+       "-o", "LogLevel=ERROR"]
+CONSOLE_TAIL = 150
+
+
+class ImageTestError(Exception):
+    """The VM did not come up; the message says how far it got."""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def accel() -> str:
+    """TCG unless asked: on these machines a Linux guest hangs under KVM (MACHINE-NOTES)."""
+    wanted = os.environ.get("STOCKADE_QEMU_ACCEL", "tcg")
+    if wanted not in {"tcg", "kvm"}:
+        raise ImageTestError(f"STOCKADE_QEMU_ACCEL must be tcg or kvm, not {wanted!r}")
+    return wanted
+
+
+@contextlib.contextmanager
+def vm(image: Path, work: Path, ports: dict[int, int], pubkey: Path, *,
+       memory_mib: int, cpus: int) -> Iterator[subprocess.Popen[bytes]]:
+    overlay = work / "overlay.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
+                    "-b", str(image.resolve()), str(overlay)], check=True)
+    forwards = ",".join(f"hostfwd=tcp:127.0.0.1:{host}-:{guest}"
+                        for guest, host in ports.items())
+    argv = ["qemu-system-x86_64", "-accel", accel(), "-cpu", "max",
+            "-m", str(memory_mib), "-smp", str(cpus),
+            "-display", "none", "-serial", f"file:{work / 'console.log'}",
+            "-monitor", "none", "-no-reboot",
+            "-drive", f"file={overlay},if=virtio,format=qcow2",
+            "-netdev", f"user,id=net0,{forwards}", "-device", "virtio-net-pci,netdev=net0",
+            "-fw_cfg", f"name=opt/io.systemd.credentials/ssh.authorized_keys.root,file={pubkey}"]
+    qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=(work / "qemu.log").open("wb"))
+    try:
+        yield qemu
+    finally:
+        if qemu.poll() is None:
+            qemu.terminate()
+            try:
+                qemu.wait(20)
+            except subprocess.TimeoutExpired:
+                qemu.kill()
+                qemu.wait()
+
+
+def wait_for(what: str, check: Callable[[], bool], qemu: subprocess.Popen[bytes],
+             timeout: float) -> float:
+    """Poll `check()` until true; the seconds it took. Fails if qemu exits or time is up."""
+    started = time.monotonic()
+    while True:
+        if qemu.poll() is not None:
+            raise ImageTestError(f"qemu exited with {qemu.returncode} while waiting for {what}")
+        if check():
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise ImageTestError(f"no {what} after {timeout:.0f} s")
+        time.sleep(2)
+
+
+def ssh_ok(key: Path, port: int) -> bool:
+    try:
+        return subprocess.run([*SSH, "-i", str(key), "-p", str(port), "root@127.0.0.1", "true"],
+                              capture_output=True, timeout=30, check=False).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False
+
+
+def shutdown(key: Path, port: int, qemu: subprocess.Popen[bytes]) -> None:
+    subprocess.run([*SSH, "-i", str(key), "-p", str(port), "root@127.0.0.1",
+                    "systemctl poweroff"], capture_output=True, timeout=30, check=False)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        qemu.wait(120)
+
+
+def print_console(work: Path) -> None:
+    lines = (work / "console.log").read_text(errors="replace").splitlines()
+    print(f"--- VM serial console (last {CONSOLE_TAIL} of {len(lines)} lines) ---")
+    print("\n".join(lines[-CONSOLE_TAIL:]))
+    qemu_log = (work / "qemu.log").read_text(errors="replace").strip()
+    if qemu_log:
+        print(f"--- qemu ---\n{qemu_log}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image-dir", type=Path, default=Path("images/host"),
+                        help="what `make image` wrote (default images/host)")
+    parser.add_argument("--boot-timeout", type=float, default=600,
+                        help="seconds to wait for ssh, then for /readyz (default 600)")
+    parser.add_argument("--memory-mib", type=int, default=4096)
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("pytest_args", nargs="*", help="passed on to pytest (after --)")
+    args = parser.parse_args()
+    image = args.image_dir / "stockade-host.qcow2"
+    if not image.is_file():
+        print(f"image-test: {image} is missing: run `make image` first", file=sys.stderr)
+        return 2
+    for tool in ("qemu-system-x86_64", "qemu-img", "ssh", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            print(f"image-test: {tool} is missing: run `make packages`", file=sys.stderr)
+            return 2
+
+    work = Path(tempfile.mkdtemp(prefix="stockade-image-test-"))
+    key = work / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "image-test",
+                    "-f", str(key)], check=True)
+    ports = {22: free_port(), 80: free_port()}
+    passed = False
+    try:
+        with vm(image, work, ports, key.with_suffix(".pub"), memory_mib=args.memory_mib,
+                cpus=args.cpus) as qemu:
+            try:
+                took = wait_for("ssh login", lambda: ssh_ok(key, ports[22]), qemu,
+                                args.boot_timeout)
+                print(f"image-test: ssh answered {took:.0f} s after boot ({accel()})")
+                took = wait_for("/readyz through nginx", lambda: ready(ports[80]), qemu,
+                                args.boot_timeout)
+                print(f"image-test: runner ready {took:.0f} s later")
+            except ImageTestError as exc:
+                print(f"image-test: {exc}")
+                print_console(work)
+                return 1
+            config = work / "instances.yml"
+            config.write_text(yaml.safe_dump([{
+                "instance": "stockade-image-vm", "ip": "127.0.0.1", "identity_file": str(key),
+                "backend": "ssh", "ports": ports}]))
+            argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+                    "--rootdir", str(MOLECULE), "-m", "not direct_network",
+                    *(f"--deselect={MOLECULE / d}" for d in DESELECT),
+                    *map(str, SUITES), *args.pytest_args]
+            env = {**os.environ, "MOLECULE_INSTANCE_CONFIG": str(config),
+                   "STOCKADE_IMAGE_MANIFEST": str((args.image_dir / "manifest.json").resolve())}
+            passed = subprocess.run(argv, env=env, check=False).returncode == 0
+            if not passed:
+                print_console(work)
+            shutdown(key, ports[22], qemu)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"image-test: {'passed' if passed else 'FAILED'}")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
