@@ -1,0 +1,259 @@
+"""Rolling replacement, end to end (`make roll-test`): a fleet of stockade hosts made from the
+host image (`make image`) as nested LXC system containers on lxcbr0, behind an nginx load
+balancer on this host's loopback, with clients sending runs throughout.
+
+- A full rollout (ansible/rolling_replace.yml) replaces every host, and no client request
+  fails.
+- A rollout of a deliberately broken image (its runner config does not parse) stops at the
+  canary: the other hosts stay on the image they had and keep serving, and no client
+  request fails.
+
+The fleet starts on an "old" image: the new one with another commit in its stamp, so the
+test can tell which image each host runs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+ANSIBLE = ROOT / "ansible"
+IMAGE = ROOT / "images" / "host" / "rootfs.tar.gz"
+HOSTS = [f"stockade-roll-{i}" for i in (1, 2, 3)]
+CLIENTS = 4
+# Load bounds: the load runs only while a rollout does, and never past these.
+MAX_LOAD_S, MAX_REQUESTS = 1200, 50_000
+OLD_COMMIT = "0" * 40
+READY_TIMEOUT_S = 120
+
+
+def sh(*argv: str, timeout: float = 600) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, check=True,
+                          timeout=timeout).stdout
+
+
+def attach(host: str, *argv: str) -> str:
+    return sh("lxc-attach", "-n", host, "--", *argv, timeout=60)
+
+
+def stamp(host: str) -> dict[str, str]:
+    text = attach(host, "cat", "/etc/stockade-release")
+    return dict(line.split("=", 1) for line in text.splitlines()
+                if "=" in line and not line.startswith("#"))
+
+
+def machine_id(host: str) -> str:
+    return attach(host, "cat", "/etc/machine-id").strip()
+
+
+def address(host: str) -> str:
+    return sh("lxc-info", "-n", host, "-iH").split()[0]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclasses.dataclass
+class Fleet:
+    work: Path
+    images: dict[str, Path]
+    lb_port: int
+    inventory: Path
+
+    def write_inventory(self, addresses: bool) -> None:
+        hosts = {h: ({"rolling_address": address(h)} if addresses else {}) for h in HOSTS}
+        self.inventory.write_text(yaml.safe_dump({"stockade_fleet": {
+            "hosts": hosts,
+            "vars": {
+                "ansible_connection": "community.general.lxc",
+                "ansible_python_interpreter": "/usr/bin/python3",
+                "rolling_lb_upstream_file": str(self.work / "lb" / "upstream.conf"),
+                "rolling_lb_nginx_args": f"-p {self.work / 'lb'} -c {self.work / 'lb/nginx.conf'}",
+                # A healthy host is ready in well under this; the broken one never is.
+                "rolling_ready_timeout": READY_TIMEOUT_S,
+            }}}))
+
+    def playbook(self, name: str, image: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg"),
+               "ANSIBLE_HOST_KEY_CHECKING": "False"}
+        return subprocess.run(
+            ["ansible-playbook", "-i", str(self.inventory), str(ANSIBLE / name),
+             "-e", f"rolling_image={self.images[image]}"],
+            capture_output=True, text=True, env=env, timeout=1800, check=False)
+
+
+class Load:
+    """Clients posting runs to the load balancer until stopped; every failure is kept."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}/v1/runs"
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.done = 0
+        self.failures: list[str] = []
+        self.pool = concurrent.futures.ThreadPoolExecutor(CLIENTS)
+        self.started = time.monotonic()
+        self.futures = [self.pool.submit(self.client, i) for i in range(CLIENTS)]
+
+    def client(self, index: int) -> None:
+        n = 0
+        while not self.stop.is_set() and time.monotonic() - self.started < MAX_LOAD_S:
+            n += 1
+            value = index * 1_000_000 + n
+            body = json.dumps({"code": f"print({value})"}).encode()
+            request = urllib.request.Request(self.url, data=body,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as answer:
+                    record = json.load(answer)
+                failure = None if (record["status"], record["stdout"]) == (
+                    "ok", f"{value}\n") else f"record {record}"
+            except Exception as exc:  # every failure counts, whatever it is
+                failure = f"{type(exc).__name__}: {exc}"
+            with self.lock:
+                self.done += 1
+                if failure:
+                    self.failures.append(failure)
+                if self.done >= MAX_REQUESTS:
+                    self.stop.set()
+
+    def finish(self) -> tuple[int, list[str]]:
+        self.stop.set()
+        for future in self.futures:
+            future.result()
+        self.pool.shutdown()
+        return self.done, self.failures
+
+
+def unpack_images(work: Path) -> dict[str, Path]:
+    new, old, broken = work / "new", work / "old", work / "broken"
+    new.mkdir()
+    sh("tar", "-C", str(new), "-xzpf", str(IMAGE), "--numeric-owner", "--xattrs",
+       "--xattrs-include=*", "--strip-components=2", "./rootfs")
+    for variant in (old, broken):
+        sh("cp", "-a", "--reflink=auto", str(new), str(variant))
+    release = old / "etc" / "stockade-release"
+    lines = [f"STOCKADE_COMMIT={OLD_COMMIT}" if line.startswith("STOCKADE_COMMIT=") else line
+             for line in release.read_text().splitlines()]
+    release.write_text("\n".join(lines) + "\n")
+    (broken / "etc" / "stockade" / "runner.json").write_text("{ this is not json\n")
+    return {"new": new, "old": old, "broken": broken}
+
+
+def start_lb(directory: Path, port: int) -> None:
+    directory.mkdir()
+    (directory / "upstream.conf").write_text(
+        "upstream stockade_fleet { server 127.0.0.1:9 down; }\n")
+    (directory / "nginx.conf").write_text(f"""
+pid {directory}/nginx.pid;
+error_log {directory}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    access_log {directory}/access.log;
+    include {directory}/upstream.conf;
+    server {{
+        listen 127.0.0.1:{port};
+        client_max_body_size 4m;
+        location / {{
+            proxy_pass http://stockade_fleet;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_next_upstream error timeout;
+            proxy_connect_timeout 2s;
+            proxy_read_timeout 60s;
+        }}
+    }}
+}}
+""")
+    sh("nginx", "-p", str(directory), "-c", str(directory / "nginx.conf"))
+
+
+def destroy_hosts() -> None:
+    for host in HOSTS:
+        subprocess.run(["lxc-stop", "-n", host, "-k"], capture_output=True, check=False)
+        subprocess.run(["lxc-destroy", "-n", host], capture_output=True, check=False)
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[Fleet]:
+    if not IMAGE.is_file():
+        pytest.fail(f"{IMAGE} is missing: run `make image` first")
+    if shutil.which("ansible-playbook") is None:
+        pytest.fail("ansible-playbook is not on PATH: run through `make roll-test`")
+    sh(str(ROOT / "molecule" / "shared" / "lxc-net-up"))
+    destroy_hosts()
+    work = Path(tempfile.mkdtemp(prefix="stockade-roll-", dir="/var/tmp"))
+    lb = work / "lb"
+    try:
+        fleet = Fleet(work, unpack_images(work), free_port(), work / "inventory.yml")
+        start_lb(lb, fleet.lb_port)
+        fleet.write_inventory(addresses=False)
+        made = fleet.playbook("lxc_fleet.yml", "old")
+        assert made.returncode == 0, made.stdout[-6000:] + made.stderr[-3000:]
+        fleet.write_inventory(addresses=True)
+        yield fleet
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError, FileNotFoundError):
+            sh("nginx", "-p", str(lb), "-c", str(lb / "nginx.conf"), "-s", "stop")
+        destroy_hosts()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def upstream(fleet: Fleet) -> list[str]:
+    text = (fleet.work / "lb" / "upstream.conf").read_text()
+    return sorted(line.split()[1].rsplit(":", 1)[0] for line in text.splitlines()
+                  if line.strip().startswith("server "))
+
+
+def test_full_rollout_replaces_every_host_with_no_failed_request(fleet: Fleet) -> None:
+    before = {h: machine_id(h) for h in HOSTS}
+    assert {stamp(h)["STOCKADE_COMMIT"] for h in HOSTS} == {OLD_COMMIT}
+    load = Load(fleet.lb_port)
+    rollout = fleet.playbook("rolling_replace.yml", "new")
+    done, failures = load.finish()
+    assert rollout.returncode == 0, rollout.stdout[-6000:] + rollout.stderr[-3000:]
+    assert failures == [], f"{len(failures)} of {done} requests failed: {failures[:5]}"
+    assert done >= 100, f"only {done} requests during the rollout"
+    new_commit = (fleet.images["new"] / "etc/stockade-release").read_text()
+    for host in HOSTS:
+        assert f"STOCKADE_COMMIT={stamp(host)['STOCKADE_COMMIT']}" in new_commit, host
+        assert machine_id(host) != before[host], f"{host} was not replaced"
+    assert upstream(fleet) == sorted(address(h) for h in HOSTS)
+    print(f"full rollout: {done} requests, 0 failed")
+
+
+def test_broken_image_stops_at_the_canary_with_no_failed_request(fleet: Fleet) -> None:
+    fleet.write_inventory(addresses=True)
+    before = {h: machine_id(h) for h in HOSTS}
+    load = Load(fleet.lb_port)
+    rollout = fleet.playbook("rolling_replace.yml", "broken")
+    done, failures = load.finish()
+    assert rollout.returncode != 0, "the broken image's rollout succeeded"
+    assert failures == [], f"{len(failures)} of {done} requests failed: {failures[:5]}"
+    assert done >= 20, f"only {done} requests during the rollout"
+    canary, *rest = HOSTS
+    assert f"failed: [{canary}]" in rollout.stdout or f"fatal: [{canary}" in rollout.stdout
+    for host in rest:
+        assert machine_id(host) == before[host], f"{host} was replaced after a failed canary"
+    # The canary stays out of the load balancer; the rest serve.
+    assert upstream(fleet) == sorted(address(h) for h in rest)
+    print(f"broken canary: {done} requests, 0 failed")
