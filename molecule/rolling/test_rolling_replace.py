@@ -37,6 +37,8 @@ ANSIBLE = ROOT / "ansible"
 IMAGE = ROOT / "images" / "host" / "rootfs.tar.gz"
 HOSTS = [f"stockade-roll-{i}" for i in (1, 2, 3)]
 CLIENTS = 4
+# Between a client's requests: steady load that leaves the 2 cores room to boot hosts.
+THINK_S = 0.05
 # Load bounds: the load runs only while a rollout does, and never past these.
 MAX_LOAD_S, MAX_REQUESTS = 1200, 50_000
 OLD_COMMIT = "0" * 40
@@ -63,7 +65,8 @@ def machine_id(host: str) -> str:
 
 
 def address(host: str) -> str:
-    return sh("lxc-info", "-n", host, "-iH").split()[0]
+    """The host's IPv4 address on the bridge."""
+    return next(a for a in sh("lxc-info", "-n", host, "-iH").split() if "." in a)
 
 
 def free_port() -> int:
@@ -135,6 +138,7 @@ class Load:
                     self.failures.append(failure)
                 if self.done >= MAX_REQUESTS:
                     self.stop.set()
+            self.stop.wait(THINK_S)
 
     def finish(self) -> tuple[int, list[str]]:
         self.stop.set()
@@ -191,6 +195,10 @@ def destroy_hosts() -> None:
     for host in HOSTS:
         subprocess.run(["lxc-stop", "-n", host, "-k"], capture_output=True, check=False)
         subprocess.run(["lxc-destroy", "-n", host], capture_output=True, check=False)
+    # lxc-stop on a cgroup v1 host leaves an empty lxc.pivot cgroup in every hierarchy.
+    for pivot in Path("/sys/fs/cgroup").glob("*/lxc.pivot"):
+        with contextlib.suppress(OSError):
+            pivot.rmdir()
 
 
 @pytest.fixture(scope="module")
