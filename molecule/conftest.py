@@ -124,7 +124,10 @@ def instance() -> Instance:
 @pytest.fixture(scope="session")
 def host(instance: Instance) -> testinfra.host.Host:
     if instance.backend == "ssh":
+        # One connection for every command (a master), as the host rate-limits new ssh
+        # connections per source. It exits 60 s after the last command.
         return testinfra.get_host(f"ssh://root@{instance.ip}:{instance.port(22)}",
                                   ssh_identity_file=str(instance.identity_file),
-                                  ssh_extra_args=shlex.join(SSH_OPTIONS))
+                                  ssh_extra_args=shlex.join(SSH_OPTIONS),
+                                  controlpath=f"/tmp/stockade-testinfra-{os.getpid()}")
     return testinfra.host.Host(LxcAttachBackend(instance.name))

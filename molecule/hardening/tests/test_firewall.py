@@ -23,11 +23,14 @@ def listens_on_loopback(host: testinfra.host.Host, port: int, timeout: float) ->
 
 @pytest.fixture(scope="module")
 def listeners(host: testinfra.host.Host) -> Iterator[None]:
-    """Listeners on an allowed and on a not-allowed port, both on every address."""
-    for port in (OPEN_PORT, CLOSED_PORT):
+    """Listeners on an allowed and on a not-allowed port, both on every address, where
+    nothing listens yet (a whole host has nginx on 80)."""
+    started = [port for port in (OPEN_PORT, CLOSED_PORT)
+               if not listens_on_loopback(host, port, 1)]
+    for port in started:
         host.check_output(f"systemd-run --unit stockade-test-listen-{port} "
                           f"python3 -m http.server --bind 0.0.0.0 {port}")
-    for port in (OPEN_PORT, CLOSED_PORT):
+    for port in started:
         deadline = time.monotonic() + 15
         while not listens_on_loopback(host, port, 1):
             assert time.monotonic() < deadline, f"listener on {port} did not start"
@@ -35,7 +38,7 @@ def listeners(host: testinfra.host.Host) -> Iterator[None]:
     try:
         yield
     finally:
-        for port in (OPEN_PORT, CLOSED_PORT):
+        for port in started:
             host.run(f"systemctl stop stockade-test-listen-{port}")
 
 
