@@ -1,13 +1,16 @@
 """Unit tests of the runner's own logic: routing, config checks, error fields, Piston's
-units, metrics text, the nginx site."""
+units, metrics text, the nginx site, the AppArmor profile choice."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import msgspec
 import pytest
 
 from stockade.runner import nginx, schema
 from stockade.runner.config import FULL, LEAN, RunnerConfig, kind_for
+from stockade.runner.containers import APPARMOR_PROFILE, ContainerError, apparmor_profile
 from stockade.runner.metrics import Metrics
 
 
@@ -81,3 +84,25 @@ def test_nginx_site_has_the_timeouts_and_the_runners_body_cap() -> None:
                       "send_timeout 10s;", "client_max_body_size 2048k;",
                       "listen 127.0.0.1:80;", "limit_conn stockade_per_client"):
         assert directive in site, directive
+
+
+def test_no_apparmor_profile_where_the_kernel_has_no_apparmor(tmp_path: Path) -> None:
+    assert apparmor_profile(tmp_path / "absent", tmp_path / "profiles") is None
+    (tmp_path / "enabled").write_text("N\n")
+    assert apparmor_profile(tmp_path / "enabled", tmp_path / "profiles") is None
+
+
+def test_stockade_s_profile_where_apparmor_enforces_and_it_is_loaded(tmp_path: Path) -> None:
+    (tmp_path / "enabled").write_text("Y\n")
+    (tmp_path / "profiles").write_text("lxc-container-default-cgns (enforce)\n"
+                                       f"{APPARMOR_PROFILE} (enforce)\n")
+    assert apparmor_profile(tmp_path / "enabled", tmp_path / "profiles") == APPARMOR_PROFILE
+
+
+def test_start_is_refused_where_apparmor_enforces_without_the_profile(tmp_path: Path) -> None:
+    """LXC would start containers whose runs all fail: say so at start, and how to fix it."""
+    (tmp_path / "enabled").write_text("Y\n")
+    (tmp_path / "profiles").write_text("lxc-container-default-cgns (enforce)\n")
+    with pytest.raises(ContainerError,
+                       match=r"apparmor_parser -r /etc/apparmor\.d/stockade-sandbox"):
+        apparmor_profile(tmp_path / "enabled", tmp_path / "profiles")

@@ -29,6 +29,12 @@ ZYGOTE_CONFIG_NAME = os.path.basename(images.ZYGOTE_CONFIG)
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0  # for a SIGKILLed container to stop
 CGROUP_TIMEOUT_S = 5.0  # for LXC's monitor process to leave its cgroup
+# AppArmor: where the kernel enforces it, pool containers run under stockade's own profile
+# (roles/lxc_host/files/stockade-sandbox): LXC's default one forbids the mounts that build
+# each run's private root.
+APPARMOR_PROFILE = "stockade-sandbox"
+APPARMOR_ENABLED = Path("/sys/module/apparmor/parameters/enabled")
+APPARMOR_PROFILES = Path("/sys/kernel/security/apparmor/profiles")
 
 
 class ContainerError(RuntimeError):
@@ -64,6 +70,30 @@ def zygote_config(config: RunnerConfig, preload: list[str]) -> SandboxConfig:
     )
 
 
+def apparmor_profile(enabled: Path = APPARMOR_ENABLED,
+                     profiles: Path = APPARMOR_PROFILES) -> str | None:
+    """The AppArmor profile for pool containers: None where the kernel does not enforce
+    AppArmor (LXC ignores the key there), else stockade's, which must be loaded."""
+    try:
+        if enabled.read_text().strip() != "Y":
+            return None
+    except OSError:
+        return None
+    try:
+        loaded = {line.rsplit(" (", 1)[0] for line in profiles.read_text().splitlines()}
+    except OSError as exc:
+        raise ContainerError(f"the kernel enforces AppArmor, but {profiles} cannot be read "
+                             f"({exc.strerror}): is securityfs mounted?") from None
+    if APPARMOR_PROFILE not in loaded:
+        raise ContainerError(
+            f"the kernel enforces AppArmor and the profile {APPARMOR_PROFILE} is not loaded "
+            "(LXC's default container profile forbids the mounts each run needs): the "
+            "lxc_host role installs and loads it; by hand, copy "
+            f"roles/lxc_host/files/{APPARMOR_PROFILE} to /etc/apparmor.d/ and run "
+            f"apparmor_parser -r /etc/apparmor.d/{APPARMOR_PROFILE}")
+    return APPARMOR_PROFILE
+
+
 class Containers:
     def __init__(self, config: RunnerConfig, runner_gid: int = 0) -> None:
         self.config = config
@@ -71,6 +101,7 @@ class Containers:
         self.lxc_path = config.lxc_path
         self.socket_root = config.pool_socket_dir
         self.cgroup_version = cgroup_version()
+        self.apparmor_profile = apparmor_profile()
         # Children that are not LXC monitors (the HTTP front): never reaped here.
         self.keep_children: set[int] = set()
         self.home = cgroup_dirs()
@@ -134,6 +165,8 @@ class Containers:
                      ("lxc.uts.name", "sandbox"),
                      ("lxc.console.logfile", f"{self.lxc_path}/{name}/console.log"),
                      *self._limits()]
+            if self.apparmor_profile:
+                items.append(("lxc.apparmor.profile", self.apparmor_profile))
             for key, value in items:
                 if not container.set_config_item(key, value):
                     raise ContainerError(f"LXC refused {key} = {value}")

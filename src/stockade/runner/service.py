@@ -29,7 +29,12 @@ from aiohttp import web
 from stockade.runner import images
 from stockade.runner.api import Api, Runs
 from stockade.runner.config import RunnerConfig, kinds
-from stockade.runner.containers import Containers, ensure_subid_ranges, remove_lxc_cgroups
+from stockade.runner.containers import (
+    ContainerError,
+    Containers,
+    ensure_subid_ranges,
+    remove_lxc_cgroups,
+)
 from stockade.runner.control import PoolClient
 from stockade.runner.metrics import Metrics
 from stockade.runner.pool import Manager, log
@@ -75,7 +80,10 @@ def prepare_host(config: RunnerConfig) -> tuple[Containers, pwd.struct_passwd]:
         ensure_image(config)
     except images.ImageError as exc:
         raise ServiceError(str(exc)) from None
-    containers = Containers(config, runner_gid=user.pw_gid)
+    try:
+        containers = Containers(config, runner_gid=user.pw_gid)
+    except ContainerError as exc:
+        raise ServiceError(str(exc)) from None
     containers.prepare_directories()
     left = containers.reconcile()
     if left:
