@@ -29,13 +29,13 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 MOLECULE = HERE.parent
+sys.path.insert(0, str(MOLECULE))
+from conftest import SSH_OPTIONS  # noqa: E402 - the tests' own ssh options, from their dir
+
 SUITES = [MOLECULE / "hardening" / "tests", MOLECULE / "runner" / "tests", HERE / "tests"]
-# Done at image build time, not at the runner's first start: tests/test_image.py checks the
+# Done at image build time, not at the runner's first start: tests/test_host_image.py checks the
 # image's own version of it.
 DESELECT = ["runner/tests/test_image.py::test_runner_imported_the_archived_image"]
-SSH = ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
-       "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-       "-o", "LogLevel=ERROR"]
 CONSOLE_TAIL = 150
 GATEWAY = "10.0.2.2"  # qemu's user-mode network: where the guest sees this host
 
@@ -117,7 +117,8 @@ def ready(port: int) -> bool:
 
 
 def vm_ssh(key: Path, port: int, command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*SSH, "-i", str(key), "-p", str(port), "root@127.0.0.1", command],
+    return subprocess.run(["ssh", "-F", "/dev/null", *SSH_OPTIONS, "-i", str(key), "-p", str(port),
+                           "root@127.0.0.1", command],
                           capture_output=True, text=True, timeout=30, check=False)
 
 
