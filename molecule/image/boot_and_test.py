@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 MOLECULE = HERE.parent
 sys.path.insert(0, str(MOLECULE))
-from conftest import SSH_OPTIONS  # noqa: E402 - the tests' own ssh options, from their dir
+from conftest import SSH_OPTIONS, free_port  # noqa: E402 - the tests' own ssh options, from their dir
 
 SUITES = [MOLECULE / "hardening" / "tests", MOLECULE / "runner" / "tests", HERE / "tests"]
 # Done at image build time, not at the runner's first start: tests/test_host_image.py checks the
@@ -42,12 +41,6 @@ GATEWAY = "10.0.2.2"  # qemu's user-mode network: where the guest sees this host
 
 class ImageTestError(Exception):
     """The VM did not come up; the message says how far it got."""
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def accel() -> str:

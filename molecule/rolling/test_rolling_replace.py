@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from conftest import free_port, parse_release
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE = ROOT / "ansible"
@@ -55,9 +56,7 @@ def attach(host: str, *argv: str) -> str:
 
 
 def stamp(host: str) -> dict[str, str]:
-    text = attach(host, "cat", "/etc/stockade-release")
-    return dict(line.split("=", 1) for line in text.splitlines()
-                if "=" in line and not line.startswith("#"))
+    return parse_release(attach(host, "cat", "/etc/stockade-release"))
 
 
 def machine_id(host: str) -> str:
@@ -67,12 +66,6 @@ def machine_id(host: str) -> str:
 def address(host: str) -> str:
     """The host's IPv4 address on the bridge."""
     return next(a for a in sh("lxc-info", "-n", host, "-iH").split() if "." in a)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclasses.dataclass

@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import testinfra.host
 
+from conftest import parse_release
+
 
 @pytest.fixture(scope="module")
 def manifest() -> dict[str, Any]:
@@ -29,9 +31,7 @@ def manifest() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def release(host: testinfra.host.Host) -> dict[str, str]:
-    text = host.file("/etc/stockade-release").content_string
-    return dict(line.split("=", 1) for line in text.splitlines()
-                if "=" in line and not line.startswith("#"))
+    return parse_release(host.file("/etc/stockade-release").content_string)
 
 
 def build_time(manifest: dict[str, Any]) -> float:
