@@ -185,9 +185,13 @@ print(json.dumps({{"status": status, "uid": os.getuid(), "securebits": securebit
 """, _check_status_flags),
     _errno_probe("setuid_root", "attempt(lambda: os.setuid(0))"),
     _errno_probe("read_etc_shadow", "attempt(lambda: open('/etc/shadow').read())", "EACCES"),
+    # the zygote's own proc, kept in every run's root so that the run's init may mount one
+    _errno_probe("zygote_proc_kept_from_run", "attempt(lambda: os.listdir('/.stockade/proc'))",
+                 "EACCES"),
     _errno_probe("write_outside_workdir", "[attempt(lambda p=p: open(p, 'w')) for p in "
-                 "('/etc/stockade-probe', '/usr/stockade-probe', '/stockade-probe')]",
-                 ["EROFS", "EROFS", "EROFS"]),  # type: ignore[arg-type]
+                 "('/etc/stockade-probe', '/usr/stockade-probe', '/stockade-probe', "
+                 "'/dev/stockade-probe')]",
+                 ["EROFS", "EROFS", "EROFS", "EROFS"]),  # type: ignore[arg-type]
     _errno_probe("ptrace_traceme", "sc(101, 0, 0, 0, 0)"),
     _errno_probe("mount_tmpfs", "attempt(lambda: (libc.mount(b'none', b'/tmp', b'tmpfs', 0, "
                  "None) == 0) or (_ for _ in ()).throw(OSError(ctypes.get_errno(), 'x')))"),

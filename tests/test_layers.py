@@ -18,7 +18,7 @@ NOTICED_BY = {
     "net": ["abstract_unix_socket_of_host"],
     "filesystem": ["write_outside_workdir", "dev_shm_of_host"],
     "rlimits": ["fd_exhaustion", "rlimits_in_force"],
-    "identity": ["status_flags", "read_etc_shadow"],
+    "identity": ["status_flags", "read_etc_shadow", "zygote_proc_kept_from_run"],
     "securebits": ["status_flags"],
     "capabilities": ["status_flags"],
     "no_new_privs": ["status_flags"],

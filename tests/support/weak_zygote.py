@@ -47,7 +47,8 @@ def weaken(layer: str) -> None:
         original_flags = confine.namespace_flags
         confine.namespace_flags = lambda net: original_flags(net) & ~flag  # type: ignore[assignment]
     elif layer == "filesystem":
-        confine.build_private_root = _host_workdir  # type: ignore[assignment]
+        confine.join_root_template = _nothing  # type: ignore[assignment]
+        confine.enter_private_root = _host_workdir  # type: ignore[assignment]
     elif layer == "memory":
         cgroups.RunCgroup.set_memory_limit = _nothing  # type: ignore[assignment]
     elif layer == "pids":

@@ -8,6 +8,7 @@ A step either fully succeeds or raises; none of them degrades silently.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import resource
 import signal
@@ -26,6 +27,7 @@ DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0",
 _STATVFS_TO_MS = ((os.ST_NOSUID, libc.MS_NOSUID), (os.ST_NODEV, libc.MS_NODEV),
                   (os.ST_NOEXEC, libc.MS_NOEXEC), (os.ST_NOATIME, libc.MS_NOATIME),
                   (os.ST_NODIRATIME, libc.MS_NODIRATIME), (os.ST_RELATIME, libc.MS_RELATIME))
+PROC_KEEPER = "/.stockade"  # in every run's root, mode 0700: see build_root_template
 RLIMIT_LOCKS = 10  # <sys/resource.h>; obsolete since 2.4.25 but set anyway: free to refuse
 _PRIVATE_TMPFS = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
 SECUREBITS_LOCKED = (
@@ -93,7 +95,7 @@ def _mirror_read_only(root: str, path: str) -> None:
         _bind(path, target, _READ_ONLY)
 
 
-def _populate_dev(root: str, shm_size_mib: int) -> None:
+def _populate_dev(root: str) -> None:
     dev = root + "/dev"
     _tmpfs(dev, "mode=0755,size=64k", libc.MS_NOSUID | libc.MS_NOEXEC)
     for name in DEVICES:
@@ -101,24 +103,44 @@ def _populate_dev(root: str, shm_size_mib: int) -> None:
         _bind(f"/dev/{name}", f"{dev}/{name}", libc.MS_NOSUID | libc.MS_NOEXEC)
     for name, target in DEV_LINKS.items():
         os.symlink(target, f"{dev}/{name}")
-    _tmpfs(f"{dev}/shm", f"mode=1777,size={shm_size_mib}m")
+    os.mkdir(f"{dev}/shm")
     libc.mount(None, dev, None, libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY
                | libc.MS_NOSUID | libc.MS_NOEXEC)
 
 
-def build_private_root(plan: RootPlan) -> None:
-    """Pivot into a root made of read-only host paths, a fresh /proc, a minimal /dev and
-    size-capped private tmpfs for the workdir, /tmp and /dev/shm. Nothing else is visible."""
+def _private_mounts(plan: RootPlan) -> tuple[tuple[str, str], ...]:
+    """The size-capped tmpfs every run gets fresh: (mount point, options)."""
+    return (("/tmp", f"mode=1777,size={plan.tmp_size_mib}m"),
+            ("/dev/shm", f"mode=1777,size={plan.shm_size_mib}m"),
+            (WORKDIR, f"mode=0755,uid={plan.run_uid},gid={plan.run_gid},"
+                      f"size={plan.workdir_size_mib}m"))
+
+
+def _covered(plan: RootPlan) -> tuple[str, ...]:
+    """Read-only paths that a run's fresh tmpfs would hide (an interpreter under /tmp)."""
+    tops = [target for target, _ in _private_mounts(plan)]
+    return tuple(path for path in plan.ro_paths
+                 if any(path.startswith(top + "/") for top in tops))
+
+
+def build_root_template(plan: RootPlan) -> None:
+    """Make this process's (fresh, unshared) mount namespace the read-only part of every
+    run's root: a tmpfs holding read-only binds of the host paths, a minimal /dev, and
+    empty mount points for /proc and the run's private tmpfs. Built once per zygote; each
+    run's init copies it (`enter_private_root`) and mounts only what is its own."""
     root = plan.mount_point
     libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
     libc.mount("tmpfs", root, "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, "mode=0755,size=256k")
     os.makedirs(root + "/proc")
-    libc.mount("proc", root + "/proc", "proc", _PRIVATE_TMPFS)
-    _populate_dev(root, plan.shm_size_mib)
-    _tmpfs(root + "/tmp", f"mode=1777,size={plan.tmp_size_mib}m")
-    _tmpfs(root + WORKDIR, f"mode=0755,uid={plan.run_uid},gid={plan.run_gid},"
-           f"size={plan.workdir_size_mib}m")
-    # Binds last: an interpreter installed under /tmp must not be hidden by the run's /tmp.
+    # Inside a user namespace the kernel mounts a fresh proc only where a proc is already
+    # fully visible (mount_too_revealing): keep the zygote's, beneath a directory only
+    # root may enter, so that each run's init can mount its own.
+    os.mkdir(root + PROC_KEEPER, 0o700)
+    os.mkdir(root + PROC_KEEPER + "/proc")
+    libc.mount("/proc", root + PROC_KEEPER + "/proc", None, libc.MS_BIND | libc.MS_REC)
+    _populate_dev(root)
+    for target, _ in _private_mounts(plan):
+        os.makedirs(root + target, exist_ok=True)
     for path in plan.ro_paths:
         _mirror_read_only(root, path)
     os.chdir(root)
@@ -127,6 +149,26 @@ def build_private_root(plan: RootPlan) -> None:
     os.chdir("/")
     libc.mount(None, "/", None, libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY
                | libc.MS_NOSUID | libc.MS_NODEV)
+
+
+def join_root_template(template_fd: int) -> None:
+    """Enter the zygote's root template; the unshare that follows makes a private copy."""
+    libc.setns(template_fd, libc.CLONE_NEWNS)
+    os.close(template_fd)
+
+
+def enter_private_root(plan: RootPlan) -> None:
+    """In a private copy of the root template: a fresh /proc of the run's pid namespace
+    and fresh size-capped tmpfs for the workdir, /tmp and /dev/shm. Nothing else is
+    visible, and nothing of one run's files reaches another."""
+    libc.mount("proc", "/proc", "proc", _PRIVATE_TMPFS)
+    covered = [(path, os.open(path, os.O_PATH | os.O_CLOEXEC)) for path in _covered(plan)]
+    for target, options in _private_mounts(plan):
+        libc.mount("tmpfs", target, "tmpfs", _PRIVATE_TMPFS, options)
+    for path, fd in covered:  # what the fresh tmpfs hid, bound again beneath it
+        os.makedirs(path, exist_ok=True)
+        _bind(f"/proc/self/fd/{fd}", path, _READ_ONLY)
+        os.close(fd)
     os.chdir(WORKDIR)
 
 
@@ -180,6 +222,7 @@ def lock_securebits() -> None:
     libc.prctl(libc.PR_SET_SECUREBITS, SECUREBITS_LOCKED)
 
 
+@functools.cache  # read once in the zygote, before its forks
 def last_capability() -> int:
     return int(Path("/proc/sys/kernel/cap_last_cap").read_text())
 
@@ -213,7 +256,8 @@ def close_inherited_fds(keep: set[int]) -> None:
     os.closerange(low, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
 
 
-def _environ_block() -> tuple[int, int]:
+@functools.cache  # the block's address is inherited across fork: found once, in the zygote
+def environ_block() -> tuple[int, int]:
     fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[47]), int(fields[48])  # env_start, env_end (stat fields 50, 51)
 
@@ -223,6 +267,6 @@ def reset_environment() -> None:
     /proc/self/environ (whose bytes are the zygote's, inherited across fork)."""
     os.environ.clear()
     os.environ.update(RUN_ENVIRONMENT)
-    start, end = _environ_block()
+    start, end = environ_block()
     if 0 < start < end:
         ctypes.memset(start, 0, end - start)

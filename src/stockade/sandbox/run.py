@@ -1,11 +1,11 @@
 """A run's two processes, both forked from the zygote and never returning to its code.
 
 Both are prepared before the request arrives. init (pid 1 of the run's pid namespace)
-joins the run's cgroup, unshares the other namespaces, pivots into the private root and
-forks the worker, which confines itself step by step and waits. On "go" the worker lowers
-its rlimits to the request's, takes its stdio and runs the program in-process. When the
-worker ends, init reports and exits, and the kernel kills whatever the program left in
-the namespace.
+joins the run's cgroup, unshares the other namespaces in a private copy of the zygote's
+root template, mounts the run's own /proc and tmpfs, and forks the worker, which confines
+itself step by step and waits. On "go" the worker lowers its rlimits to the request's,
+takes its stdio and runs the program in-process. When the worker ends, init reports and
+exits, and the kernel kills whatever the program left in the namespace.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class RunPlan:
     """Everything a run needs from its zygote; shared, immutable, free of secrets."""
 
     root: confine.RootPlan
+    root_template_fd: int  # the zygote's root template (a mount namespace), see confine
     namespaces: int
     seccomp_program: bytes
     seccomp_buffer: ctypes.Array[ctypes.c_char]
@@ -69,9 +70,10 @@ def init_main(channel: socket.socket, go: socket.socket, cgroup_procs: list[int]
         for fd in cgroup_procs:
             os.write(fd, b"0")
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        confine.close_inherited_fds({channel.fileno(), go.fileno()})
+        confine.close_inherited_fds({channel.fileno(), go.fileno(), plan.root_template_fd})
+        confine.join_root_template(plan.root_template_fd)
         confine.enter_namespaces(plan.namespaces)
-        confine.build_private_root(plan.root)
+        confine.enter_private_root(plan.root)
         if plan.namespaces & libc.CLONE_NEWUTS:
             confine.set_hostname()
         err_r, err_w = os.pipe2(os.O_CLOEXEC)

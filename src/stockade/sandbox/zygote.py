@@ -27,7 +27,7 @@ import msgspec
 from stockade import protocol
 from stockade.limits import LimitError, Limits
 from stockade.result import Outcome
-from stockade.sandbox import confine, run, seccomp
+from stockade.sandbox import confine, libc, run, seccomp
 from stockade.sandbox.cgroups import CgroupDriver, CgroupError, RunCgroup
 from stockade.sandbox.config import SandboxConfig
 
@@ -55,6 +55,37 @@ def read_only_paths(extra: list[str]) -> tuple[str, ...]:
     return tuple(cover)
 
 
+def make_root_template(root: confine.RootPlan) -> int:
+    """Build the read-only part of every run's root once, in a mount namespace of its own
+    (a helper process builds it and exits); return a descriptor that keeps it alive."""
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    done_r, done_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_r)
+        os.close(done_w)
+        try:
+            libc.unshare(libc.CLONE_NEWNS)
+            confine.build_root_template(root)
+            os.write(ready_w, b"ok")
+        except BaseException as exc:
+            os.write(ready_w, f"cannot build the runs' root: {exc}".encode()[:4000])
+        finally:
+            os.read(done_r, 1)  # keep the namespace alive until the zygote holds it
+            os._exit(0)
+    os.close(ready_w)
+    os.close(done_r)
+    try:
+        answer = os.read(ready_r, 4096).decode(errors="replace")
+        if answer != "ok":
+            raise RuntimeError(answer or "the root template's builder died")
+        return os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(ready_r)
+        os.close(done_w)
+        os.waitpid(pid, 0)
+
+
 @dataclass
 class Embryo:
     """A run's init, namespaces and root ready, waiting for its program."""
@@ -78,12 +109,13 @@ class Zygote:
         self.cgroups.prepare()
         self.cgroups.sweep(f"{config.name}-")
         program = seccomp.build_program()
+        root = confine.RootPlan(
+            mount_point=str(state / "root"), ro_paths=read_only_paths(config.extra_ro_paths),
+            run_uid=config.run_uid, run_gid=config.run_gid,
+            workdir_size_mib=config.workdir_size_mib, tmp_size_mib=config.tmp_size_mib,
+            shm_size_mib=config.shm_size_mib)
         self.plan = run.RunPlan(
-            root=confine.RootPlan(
-                mount_point=str(state / "root"), ro_paths=read_only_paths(config.extra_ro_paths),
-                run_uid=config.run_uid, run_gid=config.run_gid,
-                workdir_size_mib=config.workdir_size_mib, tmp_size_mib=config.tmp_size_mib,
-                shm_size_mib=config.shm_size_mib),
+            root=root, root_template_fd=make_root_template(root),
             namespaces=confine.namespace_flags(config.isolate_network),
             seccomp_program=program,
             seccomp_buffer=ctypes.create_string_buffer(program, len(program)),
@@ -93,6 +125,7 @@ class Zygote:
             max_out_files=config.max_out_files, max_out_bytes=config.max_out_kib << 10,
             limit_ceiling=config.limits.maximum,
         )
+        confine.last_capability(), confine.environ_block()  # cached for every run
         self.pid_ns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.sequence = 0
         self.embryo: Embryo | None = None
@@ -350,6 +383,8 @@ class Zygote:
                 os.close(embryo.pidfd)
         self.embryo = self.active = None
         self.busy_cgroups = []
+        with contextlib.suppress(OSError):
+            os.close(self.plan.root_template_fd)
         # By prefix, so nothing a signal interrupted half-way is left behind.
         left = self.cgroups.sweep(f"{self.config.name}-", timeout_s=2.0)
         if left:
