@@ -146,6 +146,7 @@ lint: install ## ruff, mypy, ansible-lint (production profile), packer validate.
 bench: install ## Latency, throughput and memory vs bare interpreter spawns (not a test).
 	$(BIN)/python bench/bench_sandbox.py
 	$(BIN)/python bench/bench_http.py
+	$(BIN)/python bench/bench_layers.py
 
 soak: install ## 10 minutes of mixed good and hostile load; checks nothing grows (not in CI).
 	$(BIN)/python bench/soak.py $(if $(SOAK_S),--seconds $(SOAK_S))
