@@ -8,10 +8,11 @@ PYTEST_ARGS ?=
 # nginx-light is the reverse proxy; dnsmasq-base and nftables run lxc-net's bridge, which
 # the Molecule scenarios' containers are reached on with the ssh client; packer builds the
 # images; fdisk (sfdisk) and qemu-utils make the host image's disk, qemu-system-x86 boots
-# it for the image test.
+# it for the image test; catatonit is every run's init (`stockade exec` and the tests run
+# zygotes on this host).
 APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libseccomp2 make \
 	ca-certificates lxc lxc-templates lxc-dev debootstrap uidmap nginx-light \
-	openssh-client dnsmasq-base nftables packer fdisk qemu-utils qemu-system-x86
+	openssh-client dnsmasq-base nftables packer fdisk qemu-utils qemu-system-x86 catatonit
 # The host image: stamped with the version, the commit and the build time
 # (SOURCE_DATE_EPOCH, when set, fixes the last for a reproducible stamp).
 HOST_IMAGE_DIR := images/host

@@ -16,6 +16,7 @@ import ctypes
 import gc
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -27,7 +28,7 @@ from stockade.sandbox import confine, libc, run, seccomp, zygote
 from stockade.sandbox.cgroups import CgroupDriver, RunCgroup
 
 LAYERS = ("fork", "pid namespace", "private root", "init process", "confinement steps",
-          "run cgroup")
+          "run cgroup")  # "init process": catatonit as pid 1, the run as pid 2
 CGROUP_PARENT = "stockade-bench-layers"
 
 
@@ -50,6 +51,8 @@ def one_run(plan: run.RunPlan, layers: set[str], cgroup: RunCgroup | None) -> No
     """The child: the chosen parts of a run's setup, then `print(1)` into a pipe."""
     out_r, out_w = os.pipe()
     procs = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in cgroup.procs_paths] if cgroup else []
+    init = os.posix_spawn(zygote.INIT_PROGRAM[0], list(zygote.INIT_PROGRAM), {}) \
+        if "init process" in layers else None  # pid 1, the run pid 2: as the zygote does
     pid = os.fork()
     if pid == 0:
         try:
@@ -60,10 +63,6 @@ def one_run(plan: run.RunPlan, layers: set[str], cgroup: RunCgroup | None) -> No
             confine.enter_namespaces(libc.CLONE_NEWNS | libc.CLONE_NEWIPC | libc.CLONE_NEWUTS)
             if "private root" in layers:
                 confine.enter_private_root(plan.root)
-            if "init process" in layers and os.fork() != 0:
-                os.close(out_w)
-                os.wait()
-                os._exit(0)
             if "confinement steps" in layers:
                 for _, step in run.worker_steps(plan, {out_w}):
                     step()
@@ -84,6 +83,9 @@ def one_run(plan: run.RunPlan, layers: set[str], cgroup: RunCgroup | None) -> No
         raise SystemExit(f"a benchmark run printed {printed!r}, not 1")
     os.close(out_r)
     os.waitpid(pid, 0)
+    if init is not None:
+        os.kill(init, signal.SIGKILL)
+        os.waitpid(init, 0)
 
 
 def worker(index: int, layers: set[str], seconds: float, report: int) -> None:

@@ -68,7 +68,7 @@ locals {
     "openssh-server", "nftables", "fail2ban", "nginx-light",
     "lxc", "lxc-templates", "debootstrap", "uidmap", "apparmor",
     "iproute2", "procps", "sudo", "ifupdown", "isc-dhcp-client",
-    "systemd-sysv", "udev", "linux-image-amd64", "grub-pc", "e2fsprogs", "zstd",
+    "systemd-sysv", "udev", "linux-image-amd64", "grub-pc", "e2fsprogs", "zstd", "catatonit",
   ])
   ansible_vars = [
     "-e", "runner_wheelhouse=${var.wheelhouse}",

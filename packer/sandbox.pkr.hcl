@@ -23,7 +23,7 @@ variable "container_name" {
 source "lxc" "sandbox" {
   config_file         = "${path.root}/sandbox-build.conf"
   template_name       = "debian"
-  template_parameters = ["-r", "bookworm", "--packages=python3"]
+  template_parameters = ["-r", "bookworm", "--packages=python3,catatonit"]
   output_directory    = var.output
   container_name      = var.container_name
   init_timeout        = "120s"

@@ -9,10 +9,14 @@ import os
 import resource
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from conftest import make_config
 from stockade.limits import Limits
-from stockade.sandbox import confine, libc, seccomp
+from stockade.sandbox import confine, libc, seccomp, zygote
 from stockade.sandbox.config import RUN_ENVIRONMENT
 
 REPORT_FD: list[int] = []  # the child's report pipe, for bodies that close descriptors
@@ -132,3 +136,10 @@ def test_reset_environment() -> None:
     finally:
         del os.environ["STOCKADE_TEST_PARENT_SECRET"]
     assert environ == RUN_ENVIRONMENT and not leaked
+
+
+def test_a_zygote_without_its_runs_init_refuses_to_start(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(zygote, "INIT_PROGRAM", ("/nonexistent/catatonit", "-P"))
+    with pytest.raises(FileNotFoundError, match="every run's init is catatonit"):
+        zygote.Zygote(make_config(str(tmp_path), "noinit"))

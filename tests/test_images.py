@@ -105,24 +105,44 @@ def test_serve_without_image_or_archive_says_how_to_get_one(tmp_path: Path) -> N
     assert "make sandbox-image" in done.stderr
 
 
-def test_import_rootfs_refuses_a_rootfs_with_other_sandbox_code(tmp_path: Path) -> None:
-    """The image is named by this code's digest, so its rootfs must carry this code."""
+def fake_rootfs(tmp_path: Path, init: bool = True) -> Path:
+    """A rootfs tarball with this code's sandbox sources (and catatonit, unless not)."""
     site = tmp_path / "rootfs" / images.SITE.format(version="3.11") / "stockade"
     (tmp_path / "rootfs/usr/bin").mkdir(parents=True)
     (tmp_path / "rootfs/usr/bin/python3").symlink_to("python3.11")
+    if init:
+        (tmp_path / "rootfs/usr/bin/catatonit").write_bytes(b"")
     source = images.package_root()
     for path in images.package_files():  # the very files the digest is made of
         copy = site / path.relative_to(source)
         copy.parent.mkdir(parents=True, exist_ok=True)
         copy.write_bytes(path.read_bytes())
-    (site / "sandbox" / "seccomp.py").write_text("ALLOW_EVERYTHING = True\n")
+    return site
+
+
+def import_rootfs(tmp_path: Path) -> subprocess.CompletedProcess[str]:
     tarball = tmp_path / "rootfs.tar.gz"
     with tarfile.open(tarball, "w:gz") as tar:
         tar.add(tmp_path / "rootfs", arcname="./rootfs")
     cfg = config_file(tmp_path, lxc_path=str(tmp_path / "lxc"))
-    done = stockade("images", "import-rootfs", "--config", str(cfg), str(tarball))
+    return stockade("images", "import-rootfs", "--config", str(cfg), str(tarball))
+
+
+def test_import_rootfs_refuses_a_rootfs_with_other_sandbox_code(tmp_path: Path) -> None:
+    """The image is named by this code's digest, so its rootfs must carry this code."""
+    site = fake_rootfs(tmp_path)
+    (site / "sandbox" / "seccomp.py").write_text("ALLOW_EVERYTHING = True\n")
+    done = import_rootfs(tmp_path)
     assert done.returncode != 0
     assert "sandbox/seccomp.py is not this stockade's seccomp.py" in done.stderr
+    assert not list((tmp_path / "lxc").iterdir())
+
+
+def test_import_rootfs_refuses_a_rootfs_without_the_runs_init(tmp_path: Path) -> None:
+    fake_rootfs(tmp_path, init=False)
+    done = import_rootfs(tmp_path)
+    assert done.returncode != 0
+    assert "has no /usr/bin/catatonit, every run's init" in done.stderr
     assert not list((tmp_path / "lxc").iterdir())
 
 

@@ -6,9 +6,11 @@ import contextlib
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 from conftest import Sandbox, make_config
+from stockade.sandbox.cgroups import CgroupDriver
 
 PLANT = """
 import os, time
@@ -74,3 +76,43 @@ def test_stopping_a_zygote_mid_stream_leaves_no_cgroup_or_process(tmp_path: Path
     left = [str(p) for p in Path("/sys/fs/cgroup").glob("*/stockade/leakcheck-*")]
     left += [str(p) for p in Path("/sys/fs/cgroup").glob("stockade/leakcheck-*")]
     assert left == [] and host_processes_of(box.config.run_uid) == []
+
+
+def test_a_killed_zygote_takes_its_prepared_run_with_it(tmp_path: Path) -> None:
+    """The prepared worker has dropped to the run's uid, which clears the parent-death
+    signal; it sets it again, so a zygote that dies leaves no process of the run's uid.
+    Its init (catatonit, root, alone in the run's pid namespace) has no parent-death
+    signal: a killed zygote leaves it, and this test removes it."""
+    box = Sandbox(make_config(str(tmp_path), "killcheck"))
+    uid = box.config.run_uid
+    inits: list[int] = []
+    try:
+        assert box.run("print(1)").status == "ok"  # the next run is now prepared and waiting
+        process = box.process.proc
+        assert process is not None
+        deadline = time.monotonic() + 5
+        while not host_processes_of(uid) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the prepared worker drops to the run's uid as it confines
+        workers = host_processes_of(uid)
+        assert len(workers) == 1
+        inits = [pid for pid in _children(process.pid)
+                 if Path(f"/proc/{pid}/comm").read_text().strip() == "catatonit"
+                 and os.readlink(f"/proc/{pid}/ns/pid") == os.readlink(
+                     f"/proc/{workers[0]}/ns/pid")]
+        assert len(inits) == 1  # the prepared run's init: pid 1 of the worker's namespace
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 5
+        while host_processes_of(uid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert host_processes_of(uid) == []
+    finally:
+        for pid in inits:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        box.close()
+        CgroupDriver(box.config.cgroup_parent).sweep("killcheck-", timeout_s=2.0)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]

@@ -27,7 +27,7 @@ CODE_FILE = "main.py"
 OUT_DIR = "out"  # files the program leaves here come back with the result
 
 # The order of the descriptors attached to a Start message: the first four go to the
-# run's worker, the outbox (a memfd the client reads afterwards) to the run's init.
+# run's worker, the outbox (a memfd the client reads afterwards) to its out/ collector.
 START_FDS = ("payload", "stdin", "stdout", "stderr", "outbox")
 WORKER_FDS = START_FDS[:4]
 OUTBOX_OVERHEAD = 64 * 1024  # names and framing, beyond the content cap
@@ -68,8 +68,8 @@ class Go(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="go"):
     limits: Limits
 
 
-class Outbox(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="outbox"):
-    """Zygote to a run's init (with the outbox memfd): where to put the program's out/."""
+class Workdir(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="workdir"):
+    """A run's worker to its zygote, before it confines itself: its workdir (O_PATH)."""
 
 
 class OutputFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -78,17 +78,10 @@ class OutputFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class OutboxContent(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """What a run's init collected from out/: regular files only, within the caps."""
+    """What a run's collector found from out/: regular files only, within the caps."""
 
     files: list[OutputFile] = []
     truncated: bool = False  # some files were left out: too many, too large, or not regular
-
-
-class InitReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="init"):
-    """A run's init to the zygote: how the program ended, or why it never started."""
-
-    wait_status: int | None = None
-    error: str | None = None
 
 
 ClientMessage = Start | Cancel
@@ -97,10 +90,9 @@ T = TypeVar("T")
 _client_decoder = msgspec.json.Decoder(ClientMessage)
 _report_decoder = msgspec.json.Decoder(Report)
 _go_decoder = msgspec.json.Decoder(Go)
-_init_decoder = msgspec.json.Decoder(InitReport)
 _payload_decoder = msgspec.msgpack.Decoder(Payload)
 _outbox_decoder = msgspec.msgpack.Decoder(OutboxContent)
-_outbox_message_decoder = msgspec.json.Decoder(Outbox)
+_workdir_decoder = msgspec.json.Decoder(Workdir)
 _encoder = msgspec.json.Encoder()
 
 
@@ -135,10 +127,6 @@ def decode_go(raw: bytes) -> Go:
     return _decode(_go_decoder, raw)
 
 
-def decode_init(raw: bytes) -> InitReport:
-    return _decode(_init_decoder, raw)
-
-
 def encode_payload(payload: Payload) -> bytes:
     check_payload(payload)
     return msgspec.msgpack.encode(payload)
@@ -153,8 +141,8 @@ def decode_payload(raw: bytes) -> Payload:
     return payload
 
 
-def decode_outbox_message(raw: bytes) -> Outbox:
-    return _decode(_outbox_message_decoder, raw)
+def decode_workdir(raw: bytes) -> Workdir:
+    return _decode(_workdir_decoder, raw)
 
 
 def decode_outbox(raw: bytes, max_files: int, max_bytes: int) -> OutboxContent:

@@ -30,8 +30,9 @@ import stockade
 from stockade.runner.config import RunnerConfig
 
 # Part of the digest: bump it when the recipe changes (packer/sandbox.pkr.hcl,
-# ansible/sandbox.yml), which the runner cannot see. 2: no set-id bits; 3: built by Packer.
-IMAGE_FORMAT = 3
+# ansible/sandbox.yml), which the runner cannot see. 2: no set-id bits; 3: built by Packer;
+# 4: catatonit, every run's init.
+IMAGE_FORMAT = 4
 SUITE = "bookworm"
 PYTHON = "3.11"  # bookworm's: the wheels are downloaded for it
 STAMP = "stockade-image.json"
@@ -174,6 +175,9 @@ def _check_rootfs(rootfs: Path) -> str:
         python = os.readlink(rootfs / "usr/bin/python3").removeprefix("python")
     except OSError:
         raise ImageError(f"{rootfs.parent} holds no Debian rootfs with python3") from None
+    if not (rootfs / "usr/bin/catatonit").is_file():
+        raise ImageError(f"{rootfs.parent} has no /usr/bin/catatonit, every run's init: build "
+                         "it from this checkout (`make sandbox-image`)")
     installed = rootfs / SITE.format(version=python) / "stockade"
     for path in package_files():
         copy = installed / path.relative_to(package_root())

@@ -135,7 +135,7 @@ def run(sock: socket.socket, job: Job, limits: Limits,
 
 
 def _output_files(outbox: int, caps: OutputCaps) -> tuple[list[OutFile], bool]:
-    """Decode the outbox the run's init filled, if any: typed, capped, names checked."""
+    """Decode the outbox the run's collector filled, if any: typed, capped, names checked."""
     try:
         size = os.fstat(outbox).st_size
         if size == 0:

@@ -1,11 +1,12 @@
-"""A run's two processes, both forked from the zygote and never returning to its code.
+"""A run's processes: a small exec'd init and the worker forked from the zygote.
 
-Both are prepared before the request arrives. init (pid 1 of the run's pid namespace)
-joins the run's cgroup, unshares the other namespaces in a private copy of the zygote's
-root template, mounts the run's own /proc and tmpfs, and forks the worker, which confines
-itself step by step and waits. On "go" the worker lowers its rlimits to the request's,
-takes its stdio and runs the program in-process. When the worker ends, init reports and
-exits, and the kernel kills whatever the program left in the namespace.
+Both are prepared before the request arrives. The zygote spawns the run's init,
+`catatonit -P` (pid 1 of a fresh pid namespace: it only reaps orphans), then forks the
+worker into that namespace. The worker joins the run's cgroup, unshares the other
+namespaces in a private copy of the zygote's root template, mounts the run's own /proc
+and tmpfs, confines itself step by step and waits. On "go" it lowers its rlimits to the
+request's, takes its stdio and runs the program in-process. When the worker ends, the
+zygote kills the init, and with it whatever the program left in the namespace.
 """
 
 from __future__ import annotations
@@ -62,107 +63,29 @@ def _reset_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])  # the zygote forks with some blocked
 
 
-def init_main(channel: socket.socket, go: socket.socket, cgroup_procs: list[int],
-              plan: RunPlan) -> None:
-    """The run's init. Never returns."""
+def has_out_dir(workdir: int) -> bool:
+    """Most programs leave no out/: then there is nothing to kill, drop or walk."""
     try:
-        _reset_signals()
-        for fd in cgroup_procs:
-            os.write(fd, b"0")
-        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        confine.close_inherited_fds({channel.fileno(), go.fileno(), plan.root_template_fd})
-        confine.join_root_template(plan.root_template_fd)
-        confine.enter_namespaces(plan.namespaces)
-        confine.enter_private_root(plan.root)
-        if plan.namespaces & libc.CLONE_NEWUTS:
-            confine.set_hostname()
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:
-            channel.close()
-            worker_main(go, err_w, plan)
-        go.close()
-        os.close(err_w)
-        report = _wait_for(pid, err_r)
-        outbox = _take_outbox(channel)
-        if outbox is not None and report.wait_status is not None and _has_out_dir():
-            collect_outputs(outbox, plan)
-        elif outbox is not None:
-            os.close(outbox)
-        _init_exit(channel, report)
-    except BaseException as exc:
-        _init_exit(channel, protocol.InitReport(error=f"run init failed: {exc}"))
-
-
-def _init_exit(channel: socket.socket, report: protocol.InitReport) -> None:
-    try:
-        outbox = _take_outbox(channel)  # on the error paths: see _take_outbox
-        if outbox is not None:
-            os.close(outbox)
-        protocol.send(channel, report)
-    finally:
-        os._exit(0)
-
-
-def _wait_for(pid: int, err_r: int) -> protocol.InitReport:
-    """Reap everything (orphans land here) until the worker is gone; report how it ended."""
-    while True:
-        reaped, status = os.waitpid(-1, 0)
-        if reaped == pid:
-            break
-    error = os.read(err_r, MAX_ERROR).decode(errors="replace")
-    if error:
-        return protocol.InitReport(error=f"confinement failed: {error}")
-    return protocol.InitReport(wait_status=status)
-
-
-def _has_out_dir() -> bool:
-    """Most programs leave no out/: then there is nothing to kill, drop or walk (a daemon
-    that makes one later dies with this init, its files uncollected)."""
-    try:
-        return stat.S_ISDIR(os.lstat(f"{WORKDIR}/{protocol.OUT_DIR}").st_mode)
+        return stat.S_ISDIR(os.stat(protocol.OUT_DIR, dir_fd=workdir,
+                                    follow_symlinks=False).st_mode)
     except OSError:
         return False
 
 
-def _take_outbox(channel: socket.socket) -> int | None:
-    """Read the zygote's outbox message, if it came. Always, before init exits: a unix
-    socket closed with unread data resets its peer, and the peer's next read then fails
-    with ECONNRESET even though this init's report is queued before it."""
-    channel.setblocking(False)
-    try:
-        raw, fds = protocol.receive(channel, max_fds=1)
-    except (BlockingIOError, protocol.ProtocolError):
-        return None
-    finally:
-        channel.setblocking(True)
-    if not fds:
-        return None
-    try:
-        protocol.decode_outbox_message(raw)
-    except protocol.ProtocolError:
-        os.close(fds[0])
-        return None
-    return _lift(fds[0])
-
-
-def collect_outputs(outbox: int, plan: RunPlan) -> None:
+def collect_outputs(outbox: int, workdir: int, plan: RunPlan) -> None:
     """Bring back the regular files the program left under out/, into the client's outbox.
 
-    Whatever the program left running is killed first, so nothing changes underneath; then
-    init takes the run's own uid (no capability, no more rights than the program had) and
-    walks out/ one directory descriptor at a time, never following a symlink, never
-    reading a hard-linked file, a FIFO or a device."""
-    if os.getpid() == 1:  # kill(-1) reaches only this run's processes from its pid 1;
-        # anywhere else (a zygote configured without pid namespaces) it would reach the host
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(-1, signal.SIGKILL)
+    Runs in a process of its own, forked from the zygote after the whole run is dead, so
+    nothing changes underneath. It takes the run's uid (no capability, no more rights
+    than the program had) and walks out/ from the run's workdir one directory descriptor
+    at a time, never following a symlink, never reading a hard-linked file, a FIFO or a
+    device."""
     confine.drop_identity(plan.root.run_uid, plan.root.run_gid)
     confine.drop_capabilities()
     collected = _Collector(plan.max_out_files, plan.max_out_bytes)
     try:
-        root = os.open(f"{WORKDIR}/{protocol.OUT_DIR}",
-                       os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        root = os.open(protocol.OUT_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                       | os.O_CLOEXEC, dir_fd=workdir)
     except OSError:
         root = -1  # no out/ (or not a directory): no files
     if root >= 0:
@@ -237,7 +160,7 @@ def worker_steps(plan: RunPlan, keep: set[int]) -> list[tuple[str, Callable[[], 
     of it is on a request's path. Tests switch single steps off by name."""
     return [
         ("rlimits", lambda: apply_rlimits(plan, plan.limit_ceiling)),
-        ("identity", lambda: confine.drop_identity(plan.root.run_uid, plan.root.run_gid)),
+        ("identity", lambda: _take_run_identity(plan)),
         ("securebits", confine.lock_securebits),
         ("capabilities", confine.drop_capabilities),
         ("no_new_privs", confine.set_no_new_privs),
@@ -252,10 +175,36 @@ def apply_rlimits(plan: RunPlan, limits: Limits) -> None:
     confine.apply_rlimits(limits, plan.rlimit_nofile, plan.rlimit_nproc, plan.rlimit_stack_mib)
 
 
-def worker_main(go: socket.socket, err_w: int, plan: RunPlan) -> None:
-    """The run's worker: confines itself, waits for its program, becomes it. Never returns."""
+def _take_run_identity(plan: RunPlan) -> None:
+    confine.drop_identity(plan.root.run_uid, plan.root.run_gid)
+    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)  # the uid change cleared it
+
+
+def _enter_run(go: socket.socket, err_w: int, cgroup_procs: list[int], plan: RunPlan) -> None:
+    """The run's cgroup, namespaces and private root; then the workdir goes to the zygote,
+    which brings back out/ from it after the run."""
+    for fd in cgroup_procs:
+        os.write(fd, b"0")
+    confine.close_inherited_fds({go.fileno(), err_w, plan.root_template_fd})
+    confine.join_root_template(plan.root_template_fd)
+    confine.enter_namespaces(plan.namespaces)
+    confine.enter_private_root(plan.root)
+    if plan.namespaces & libc.CLONE_NEWUTS:
+        confine.set_hostname()
+    workdir = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    protocol.send(go, protocol.Workdir(), [workdir])
+    os.close(workdir)
+
+
+def worker_main(go: socket.socket, err_w: int, cgroup_procs: list[int], plan: RunPlan) -> None:
+    """The run's worker, pid 2 of its pid namespace: enters the run, confines itself, waits
+    for its program and becomes it. Never returns."""
     step = "start"
     try:
+        _reset_signals()
+        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)  # no zygote, no run
+        step = "run namespaces and root"
+        _enter_run(go, err_w, cgroup_procs, plan)
         err_w = _lift(err_w)
         for step, apply in worker_steps(plan, {go.fileno(), err_w}):  # noqa: B007 - reported
             apply()
@@ -283,7 +232,7 @@ def worker_main(go: socket.socket, err_w: int, plan: RunPlan) -> None:
     except BaseException as exc:
         os.write(err_w, f"{step}: {exc!r}".encode()[:MAX_ERROR])
     finally:
-        os._exit(SETUP_FAILED)  # never fall back into init's or the zygote's code
+        os._exit(SETUP_FAILED)  # never fall back into the zygote's code
 
 
 def _lift(fd: int) -> int:

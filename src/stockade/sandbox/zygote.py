@@ -1,9 +1,10 @@
 """The zygote: a preloaded interpreter that forks one confined run at a time.
 
-It serves a unix SOCK_SEQPACKET socket. Per run it receives limits and four descriptors
-(payload, stdin, stdout, stderr), hands them to a run init it prepared beforehand, enforces
-the wall-time and run-wide CPU limits from outside, and reports how the run ended. It never
-reads a run's program, input or output, and it holds no secrets.
+It serves a unix SOCK_SEQPACKET socket. Per run it receives limits and five descriptors
+(payload, stdin, stdout, stderr, outbox), hands the first four to a run it prepared
+beforehand, enforces the wall-time and run-wide CPU limits from outside, brings back the
+program's out/ files, and reports how the run ended. It never reads a run's program,
+input or output, and it holds no secrets.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import ctypes
 import gc
 import importlib
 import os
+import select
 import selectors
 import signal
 import socket
@@ -36,6 +38,9 @@ KILL_GRACE_S = 5.0  # how long a killed run may take to disappear before it is a
 SINGLE_THREADED_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
                        "MKL_NUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1"}
 SHUTDOWN_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+# A run's pid 1: reaps orphans, nothing else (Debian's catatonit, statically linked). An
+# exec'd init costs ~0.25 ms a run; a forked copy of the zygote cost ~2.7 ms.
+INIT_PROGRAM = ("/usr/bin/catatonit", "-P")
 BASE_RO_PATHS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 
 
@@ -88,12 +93,14 @@ def make_root_template(root: confine.RootPlan) -> int:
 
 @dataclass
 class Embryo:
-    """A run's init, namespaces and root ready, waiting for its program."""
+    """A run prepared before its request: an init, and a worker waiting for its program."""
 
-    pid: int
-    pidfd: int
-    channel: socket.socket  # from init: how the run ended
-    go: socket.socket  # to the waiting worker: limits and descriptors
+    init: int  # pid 1 of the run's pid namespace
+    init_pidfd: int
+    worker: int  # pid 2: becomes the program
+    worker_pidfd: int
+    go: socket.socket  # to the worker: limits and descriptors; from it: its workdir
+    errors: int  # why the worker's setup failed, if it did
     cgroup: RunCgroup
 
 
@@ -101,6 +108,9 @@ class Zygote:
     def __init__(self, config: SandboxConfig) -> None:
         if os.geteuid() != 0:
             raise PermissionError("the zygote must run as root (root in a user namespace will do)")
+        if not os.access(INIT_PROGRAM[0], os.X_OK):
+            raise FileNotFoundError(f"{INIT_PROGRAM[0]} is missing: every run's init is "
+                                    "catatonit (Debian package catatonit)")
         self.config = config
         state = Path(config.state_dir)
         state.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -131,7 +141,8 @@ class Zygote:
         self.embryo: Embryo | None = None
         self.active: Embryo | None = None
         self.busy_cgroups: list[RunCgroup] = []
-        self.inits: set[int] = set()  # every init forked and not yet reaped
+        self.children: set[int] = set()  # every init and worker started and not yet reaped
+        self.null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
 
     def preload(self) -> None:
         """Import what runs need once, then freeze it so forks share it untouched."""
@@ -198,29 +209,30 @@ class Zygote:
     # -- one run -------------------------------------------------------------------------
 
     def _run(self, conn: socket.socket, limits: Limits, fds: list[int]) -> Outcome:
-        embryo = self.embryo or self._spawn()
+        try:
+            embryo = self.embryo or self._spawn()
+        except (OSError, CgroupError) as exc:
+            return Outcome(error=f"cannot prepare a run: {exc}")
         self.embryo, self.active = None, embryo
         try:
             embryo.cgroup.set_memory_limit(limits.memory_mib << 20)
-            embryo.cgroup.set_pids_limit(limits.processes + 1)  # +1: the run's init
+            embryo.cgroup.set_pids_limit(limits.processes)  # the init is not in it
             embryo.cgroup.begin()
         except (CgroupError, OSError) as exc:
             self._kill(embryo)
             return Outcome(error=f"cannot apply cgroup limits: {exc}")
         started = time.monotonic()
-        with contextlib.suppress(OSError):  # a dead init reports why on its channel
-            protocol.send(embryo.channel, protocol.Outbox(), fds[len(protocol.WORKER_FDS):])
+        with contextlib.suppress(OSError):  # a dead worker says why on its error pipe
             protocol.send(embryo.go, protocol.Go(limits), fds[:len(protocol.WORKER_FDS)])
-        return self._supervise(conn, embryo, limits, started)
+        return self._supervise(conn, embryo, limits, started, outbox=fds[-1])
 
     def _supervise(self, conn: socket.socket, embryo: Embryo, limits: Limits,
-                   started: float) -> Outcome:
+                   started: float, outbox: int) -> Outcome:
         deadline = started + limits.wall_time_s
         killed_for: str | None = None
         killed_at = 0.0
-        report: protocol.InitReport | None = None
         with selectors.DefaultSelector() as sel:
-            sel.register(embryo.channel, selectors.EVENT_READ, "init")
+            sel.register(embryo.worker_pidfd, selectors.EVENT_READ, "worker")
             sel.register(conn, selectors.EVENT_READ, "client")
             ended = False
             while not ended:
@@ -235,20 +247,57 @@ class Zygote:
                 timeout = max(0.0, min(CPU_POLL_S, deadline - now)) if killed_for is None \
                     else KILL_GRACE_S
                 for key, _ in sel.select(timeout):
-                    if key.data == "init":
+                    if key.data == "worker":
                         ended = True
-                        report = self._read_init(embryo)
                     elif killed_for is None:
                         reason = self._read_cancel(conn, sel)
                         if reason:
                             killed_for, killed_at = reason, time.monotonic()
                             self._kill(embryo)
         wall = time.monotonic() - started
-        # A run that ended by itself is answered at once and its init reaped after the reply;
-        # a killed one is reaped first, so its figures include every process it had.
-        if (report is None or killed_for is not None) and not self._reap(embryo):
+        _, status = os.waitpid(embryo.worker, 0)
+        self.children.discard(embryo.worker)
+        error = _read_error(embryo.errors)
+        # A killed run is reaped first, so its figures include every process it had; one
+        # that ended by itself is answered at once, and what it left is killed after.
+        if killed_for is not None and not self._reap(embryo):
             return Outcome(error="the run's init could not be reaped", wall_time_s=wall)
-        return self._outcome(embryo.cgroup, report, killed_for, wall)
+        if killed_for is None and error is None:
+            self._collect_outputs(embryo, outbox)
+        return self._outcome(embryo.cgroup, status, error, killed_for, wall)
+
+    def _collect_outputs(self, embryo: Embryo, outbox: int) -> None:
+        """Fill the client's outbox from the program's out/, if it left one: in a process of
+        the run's uid, after everything the run started is dead."""
+        workdir = _take_workdir(embryo.go)
+        if workdir is None:
+            return
+        try:
+            if not run.has_out_dir(workdir):
+                return
+            self._kill(embryo)
+            if not self._reap(embryo):
+                return
+            libc.setns(self.pid_ns_fd, libc.CLONE_NEWPID)  # not into the dead run's
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                log(f"cannot collect a run's out/: {exc}")
+                return
+            if pid == 0:
+                try:
+                    run.collect_outputs(outbox, workdir, self.plan)
+                finally:
+                    os._exit(0)
+            with selectors.DefaultSelector() as sel:
+                pidfd = os.pidfd_open(pid)
+                sel.register(pidfd, selectors.EVENT_READ)
+                if not sel.select(KILL_GRACE_S):  # the walk is capped; this is a backstop
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                os.close(pidfd)
+        finally:
+            os.close(workdir)
 
     def _over_limit(self, embryo: Embryo, limits: Limits, now: float,
                     deadline: float) -> str | None:
@@ -257,15 +306,6 @@ class Zygote:
         if embryo.cgroup.run_cpu_time_s() > limits.cpu_time_s:
             return "cpu_time"
         return None
-
-    def _read_init(self, embryo: Embryo) -> protocol.InitReport | None:
-        try:
-            raw, _ = protocol.receive(embryo.channel)
-            return protocol.decode_init(raw) if raw else None
-        except ConnectionResetError:
-            return None  # died with our outbox message unread: the same as no report
-        except (OSError, protocol.ProtocolError) as exc:
-            return protocol.InitReport(error=f"unreadable report from the run's init: {exc}")
 
     def _read_cancel(self, conn: socket.socket, sel: selectors.BaseSelector) -> str | None:
         try:
@@ -281,7 +321,7 @@ class Zygote:
             return "output" if message.reason == "output_limit" else "cancelled"
         return None
 
-    def _outcome(self, cgroup: RunCgroup, report: protocol.InitReport | None,
+    def _outcome(self, cgroup: RunCgroup, status: int, error: str | None,
                  killed_for: str | None, wall: float) -> Outcome:
         stats = {"wall_time_s": round(wall, 6), "killed_for": killed_for}
         try:
@@ -290,46 +330,56 @@ class Zygote:
                       "oom_killed": cgroup.oom_killed()}
         except (OSError, ValueError, CgroupError) as exc:
             return Outcome(error=f"cannot read the run's cgroup: {exc}", **stats)  # type: ignore[arg-type]
-        if report is not None and report.error is not None:
-            return Outcome(error=report.error, **stats)  # type: ignore[arg-type]
-        if report is not None and report.wait_status is not None:
-            status = report.wait_status
-            if os.WIFEXITED(status):
-                return Outcome(exit_code=os.WEXITSTATUS(status), **stats)  # type: ignore[arg-type]
-            return Outcome(signal=os.WTERMSIG(status), **stats)  # type: ignore[arg-type]
-        if killed_for is not None:
-            return Outcome(signal=signal.SIGKILL, **stats)  # type: ignore[arg-type]
-        if stats.get("oom_killed"):  # the OOM killer may pick the init itself
-            return Outcome(signal=signal.SIGKILL, **stats)  # type: ignore[arg-type]
-        return Outcome(error="the run's init died without a report", **stats)  # type: ignore[arg-type]
+        if error is not None and killed_for is None:
+            return Outcome(error=f"confinement failed: {error}", **stats)  # type: ignore[arg-type]
+        if os.WIFEXITED(status):
+            return Outcome(exit_code=os.WEXITSTATUS(status), **stats)  # type: ignore[arg-type]
+        return Outcome(signal=os.WTERMSIG(status), **stats)  # type: ignore[arg-type]
 
     # -- run inits -----------------------------------------------------------------------
 
     def _spawn(self) -> Embryo:
         self.sequence += 1
         cgroup = self.cgroups.create(f"{self.config.name}-{self.sequence}")
-        channel, init_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         go, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        errors, errors_w = os.pipe2(os.O_CLOEXEC)
         procs = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in cgroup.procs_paths]
+        init = worker = None
         # A shutdown signal raised inside fork's at-fork handlers would be swallowed by
         # Python; keep it pending until the fork is done.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
         try:
             confine.enter_new_pid_namespace_for_children(self.pid_ns_fd)
-            pid = os.fork()
-            if pid == 0:
+            init = os.posix_spawn(INIT_PROGRAM[0], list(INIT_PROGRAM), {}, setsigmask=(),
+                                  setsigdef=(signal.SIGPIPE,), file_actions=[
+                                      (os.POSIX_SPAWN_DUP2, self.null, fd) for fd in (0, 1, 2)])
+            self.children.add(init)  # recorded before a pending shutdown signal can strike
+            worker = os.fork()  # pid 2 of the init's namespace
+            if worker == 0:
                 try:
-                    run.init_main(init_end, worker_end, procs, self.plan)
+                    run.worker_main(worker_end, errors_w, procs, self.plan)
                 finally:
                     os._exit(1)
-            self.inits.add(pid)  # recorded before a pending shutdown signal can strike
+            self.children.add(worker)
+            return Embryo(init, os.pidfd_open(init), worker, os.pidfd_open(worker), go,
+                          errors, cgroup)
+        except BaseException:
+            for pid in (worker, init):  # the worker first: see _reap
+                if pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    self.children.discard(pid)
+            go.close()
+            os.close(errors)
+            cgroup.remove(timeout_s=0.5)
+            raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             for fd in procs:
                 os.close(fd)
-            init_end.close()
             worker_end.close()
-        return Embryo(pid, os.pidfd_open(pid), channel, go, cgroup)
+            os.close(errors_w)
 
     def _prewarm(self) -> None:
         if self.embryo is None:
@@ -339,48 +389,56 @@ class Zygote:
                 log(f"cannot prepare a run: {exc}")  # the next request retries, and reports
 
     def _kill(self, embryo: Embryo) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(embryo.pidfd, signal.SIGKILL)
+        """The init first: its end kills everything in the run's pid namespace."""
+        for pidfd in (embryo.init_pidfd, embryo.worker_pidfd):
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
 
     def _reap(self, embryo: Embryo, timeout_s: float = KILL_GRACE_S) -> bool:
-        with selectors.DefaultSelector() as sel:
-            sel.register(embryo.pidfd, selectors.EVENT_READ)
-            if not sel.select(timeout_s):
-                self._kill(embryo)
-                if not sel.select(timeout_s):
-                    return False
-        with contextlib.suppress(ChildProcessError):  # already reaped
-            os.waitpid(embryo.pid, 0)
-        self.inits.discard(embryo.pid)
+        """Kill and reap the run's worker, then its init; False if they would not go. The
+        worker first: an init cannot finish dying while a process of its namespace, even
+        one whose parent is the zygote, is left a zombie."""
+        self._kill(embryo)
+        deadline = time.monotonic() + timeout_s
+        for pid, pidfd in ((embryo.worker, embryo.worker_pidfd),
+                           (embryo.init, embryo.init_pidfd)):
+            if pid not in self.children:
+                continue  # reaped already
+            ready, _, _ = select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return False
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            self.children.discard(pid)
         return True
 
     def _release_finished(self) -> None:
-        """After the report is sent: drop the finished run's init and cgroup."""
+        """After the report is sent: end the finished run and drop its cgroup."""
         embryo, self.active = self.active, None
+        if embryo is not None:
+            self._kill(embryo)  # whatever the program left dies now
         self._prewarm()  # the next run's setup overlaps this reap on another core
         if embryo is not None:
-            with contextlib.suppress(ChildProcessError):
-                self._reap(embryo)
-            embryo.channel.close()
-            embryo.go.close()
-            os.close(embryo.pidfd)
+            self._reap(embryo)
+            _close_embryo(embryo)
             self.busy_cgroups.append(embryo.cgroup)
         self.busy_cgroups = [cg for cg in self.busy_cgroups if not cg.remove(timeout_s=0.05)]
 
     def close(self) -> None:
-        """Kill every run init this zygote forked and remove every cgroup it created."""
-        for pid in self.inits:
+        """Kill every run process this zygote started and remove every cgroup it created."""
+        for pid in self.children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        for pid in self.inits:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-        self.inits.clear()
+        while self.children:  # in whatever order they can go: workers before their inits
+            try:
+                pid, _ = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            self.children.discard(pid)
+        self.children.clear()
         for embryo in (self.embryo, self.active):
             if embryo is not None:
-                embryo.channel.close()
-                embryo.go.close()
-                os.close(embryo.pidfd)
+                _close_embryo(embryo)
         self.embryo = self.active = None
         self.busy_cgroups = []
         with contextlib.suppress(OSError):
@@ -391,6 +449,41 @@ class Zygote:
             log(f"cgroups still busy at exit: {left}")
         with contextlib.suppress(OSError):
             (Path(self.config.state_dir) / "root").rmdir()
+
+
+def _close_embryo(embryo: Embryo) -> None:
+    embryo.go.close()
+    for fd in (embryo.errors, embryo.init_pidfd, embryo.worker_pidfd):
+        os.close(fd)
+
+
+def _read_error(errors: int) -> str | None:
+    """What the worker wrote before its program started (it closes the pipe first)."""
+    os.set_blocking(errors, False)
+    try:
+        text = os.read(errors, run.MAX_ERROR).decode(errors="replace")
+    except BlockingIOError:
+        return None
+    return text or None
+
+
+def _take_workdir(go: socket.socket) -> int | None:
+    """The workdir descriptor the worker sent before it confined itself, if it did."""
+    go.setblocking(False)
+    try:
+        raw, fds = protocol.receive(go, max_fds=1)
+    except (OSError, protocol.ProtocolError):
+        return None
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        return None
+    try:
+        protocol.decode_workdir(raw)
+    except protocol.ProtocolError:
+        os.close(fds[0])
+        return None
+    return fds[0]
 
 
 def listen(config: SandboxConfig) -> socket.socket:
