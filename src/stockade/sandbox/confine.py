@@ -52,13 +52,14 @@ class RootPlan:
 
 
 def namespace_flags(isolate_network: bool) -> int:
-    """The namespaces a run's init unshares (its pid namespace comes from the zygote)."""
+    """The namespaces a run's worker unshares (its pid namespace comes from the zygote)."""
     flags = libc.CLONE_NEWNS | libc.CLONE_NEWIPC | libc.CLONE_NEWUTS
     return flags | libc.CLONE_NEWNET if isolate_network else flags
 
 
 def enter_new_pid_namespace_for_children(own_pid_ns_fd: int) -> None:
-    """Make the next fork of this process the init of a fresh pid namespace."""
+    """Make the next child of this process (the run's init) pid 1 of a fresh pid namespace;
+    the children after it join that namespace."""
     libc.setns(own_pid_ns_fd, libc.CLONE_NEWPID)  # undo the previous run's unshare
     libc.unshare(libc.CLONE_NEWPID)
 
@@ -127,14 +128,14 @@ def build_root_template(plan: RootPlan) -> None:
     """Make this process's (fresh, unshared) mount namespace the read-only part of every
     run's root: a tmpfs holding read-only binds of the host paths, a minimal /dev, and
     empty mount points for /proc and the run's private tmpfs. Built once per zygote; each
-    run's init copies it (`enter_private_root`) and mounts only what is its own."""
+    run's worker copies it (`enter_private_root`) and mounts only what is its own."""
     root = plan.mount_point
     libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
     libc.mount("tmpfs", root, "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, "mode=0755,size=256k")
     os.makedirs(root + "/proc")
     # Inside a user namespace the kernel mounts a fresh proc only where a proc is already
     # fully visible (mount_too_revealing): keep the zygote's, beneath a directory only
-    # root may enter, so that each run's init can mount its own.
+    # root may enter, so that each run's worker can mount its own.
     os.mkdir(root + PROC_KEEPER, 0o700)
     os.mkdir(root + PROC_KEEPER + "/proc")
     libc.mount("/proc", root + PROC_KEEPER + "/proc", None, libc.MS_BIND | libc.MS_REC)
