@@ -289,13 +289,11 @@ class Zygote:
                     run.collect_outputs(outbox, workdir, self.plan)
                 finally:
                     os._exit(0)
-            with selectors.DefaultSelector() as sel:
-                pidfd = os.pidfd_open(pid)
-                sel.register(pidfd, selectors.EVENT_READ)
-                if not sel.select(KILL_GRACE_S):  # the walk is capped; this is a backstop
-                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                os.close(pidfd)
+            pidfd = os.pidfd_open(pid)
+            if not _exited(pidfd, KILL_GRACE_S):  # the walk is capped; this is a backstop
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(pidfd)
         finally:
             os.close(workdir)
 
@@ -404,8 +402,7 @@ class Zygote:
                            (embryo.init, embryo.init_pidfd)):
             if pid not in self.children:
                 continue  # reaped already
-            ready, _, _ = select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
+            if not _exited(pidfd, deadline - time.monotonic()):
                 return False
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
@@ -449,6 +446,12 @@ class Zygote:
             log(f"cgroups still busy at exit: {left}")
         with contextlib.suppress(OSError):
             (Path(self.config.state_dir) / "root").rmdir()
+
+
+def _exited(pidfd: int, timeout_s: float) -> bool:
+    """Whether the process behind `pidfd` has ended (or ends within `timeout_s`)."""
+    ready, _, _ = select.select([pidfd], [], [], max(0.0, timeout_s))
+    return bool(ready)
 
 
 def _close_embryo(embryo: Embryo) -> None:
