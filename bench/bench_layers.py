@@ -12,7 +12,6 @@ Usage: .venv/bin/python bench/bench_layers.py [--seconds S]
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import os
 import shutil
@@ -23,9 +22,9 @@ import threading
 import time
 import traceback
 
-from stockade.limits import Limits
-from stockade.sandbox import confine, libc, run, seccomp, zygote
+from stockade.sandbox import confine, libc, run, zygote
 from stockade.sandbox.cgroups import CgroupDriver, RunCgroup
+from stockade.sandbox.config import SandboxConfig
 
 LAYERS = ("fork", "pid namespace", "private root", "init process", "confinement steps",
           "run cgroup")  # "init process": catatonit as pid 1, the run as pid 2
@@ -34,17 +33,8 @@ CGROUP_PARENT = "stockade-bench-layers"
 
 def plan_for(index: int, state: str) -> run.RunPlan:
     uid = 61950 + index
-    os.mkdir(f"{state}/root", 0o700)
-    root = confine.RootPlan(mount_point=f"{state}/root", ro_paths=zygote.read_only_paths([]),
-                            run_uid=uid, run_gid=uid, workdir_size_mib=64, tmp_size_mib=64,
-                            shm_size_mib=16)
-    program = seccomp.build_program()
-    return run.RunPlan(root=root, root_template_fd=zygote.make_root_template(root),
-                       namespaces=confine.namespace_flags(False), seccomp_program=program,
-                       seccomp_buffer=ctypes.create_string_buffer(program, len(program)),
-                       rlimit_nofile=256, rlimit_nproc=512, rlimit_stack_mib=8,
-                       max_payload_bytes=1 << 20, limit_ceiling=Limits(), max_out_files=16,
-                       max_out_bytes=1 << 20)
+    return zygote.make_plan(SandboxConfig(socket_path=f"{state}/unused.sock", state_dir=state,
+                                          run_uid=uid, run_gid=uid, isolate_network=False))
 
 
 def one_run(plan: run.RunPlan, layers: set[str], cgroup: RunCgroup | None) -> None:

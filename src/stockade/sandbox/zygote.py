@@ -60,6 +60,30 @@ def read_only_paths(extra: list[str]) -> tuple[str, ...]:
     return tuple(cover)
 
 
+def make_plan(config: SandboxConfig) -> run.RunPlan:
+    """What every run of a zygote with `config` gets: its root template (built here, under
+    the state directory), namespaces, seccomp program and ceilings."""
+    (Path(config.state_dir) / "root").mkdir(mode=0o700, exist_ok=True)
+    root = confine.RootPlan(
+        mount_point=str(Path(config.state_dir) / "root"),
+        ro_paths=read_only_paths(config.extra_ro_paths),
+        run_uid=config.run_uid, run_gid=config.run_gid,
+        workdir_size_mib=config.workdir_size_mib, tmp_size_mib=config.tmp_size_mib,
+        shm_size_mib=config.shm_size_mib)
+    program = seccomp.build_program()
+    return run.RunPlan(
+        root=root, root_template_fd=make_root_template(root),
+        namespaces=confine.namespace_flags(config.isolate_network),
+        seccomp_program=program,
+        seccomp_buffer=ctypes.create_string_buffer(program, len(program)),
+        rlimit_nofile=config.rlimit_nofile, rlimit_nproc=config.rlimit_nproc,
+        rlimit_stack_mib=config.rlimit_stack_mib,
+        max_payload_bytes=config.max_payload_mib << 20,
+        max_out_files=config.max_out_files, max_out_bytes=config.max_out_kib << 10,
+        limit_ceiling=config.limits.maximum,
+    )
+
+
 def make_root_template(root: confine.RootPlan) -> int:
     """Build the read-only part of every run's root once, in a mount namespace of its own
     (a helper process builds it and exits); return a descriptor that keeps it alive."""
@@ -112,29 +136,11 @@ class Zygote:
             raise FileNotFoundError(f"{INIT_PROGRAM[0]} is missing: every run's init is "
                                     "catatonit (Debian package catatonit)")
         self.config = config
-        state = Path(config.state_dir)
-        state.mkdir(mode=0o700, parents=True, exist_ok=True)
-        (state / "root").mkdir(mode=0o700, exist_ok=True)
+        Path(config.state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
         self.cgroups = CgroupDriver(config.cgroup_parent)
         self.cgroups.prepare()
         self.cgroups.sweep(f"{config.name}-")
-        program = seccomp.build_program()
-        root = confine.RootPlan(
-            mount_point=str(state / "root"), ro_paths=read_only_paths(config.extra_ro_paths),
-            run_uid=config.run_uid, run_gid=config.run_gid,
-            workdir_size_mib=config.workdir_size_mib, tmp_size_mib=config.tmp_size_mib,
-            shm_size_mib=config.shm_size_mib)
-        self.plan = run.RunPlan(
-            root=root, root_template_fd=make_root_template(root),
-            namespaces=confine.namespace_flags(config.isolate_network),
-            seccomp_program=program,
-            seccomp_buffer=ctypes.create_string_buffer(program, len(program)),
-            rlimit_nofile=config.rlimit_nofile, rlimit_nproc=config.rlimit_nproc,
-            rlimit_stack_mib=config.rlimit_stack_mib,
-            max_payload_bytes=config.max_payload_mib << 20,
-            max_out_files=config.max_out_files, max_out_bytes=config.max_out_kib << 10,
-            limit_ceiling=config.limits.maximum,
-        )
+        self.plan = make_plan(config)
         confine.last_capability(), confine.environ_block()  # cached for every run
         self.pid_ns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.sequence = 0
