@@ -80,7 +80,9 @@ locals {
 }
 
 source "lxc" "host" {
+  # create_options applies the config (Packer 1.6.6 only copies config_file to the output).
   config_file               = "${path.root}/host-build.conf"
+  create_options            = ["-f", "${path.root}/host-build.conf"]
   template_name             = "debian"
   template_parameters       = ["-r", "bookworm", "--packages=${local.host_packages}"]
   template_environment_vars = ["DEBIAN_FRONTEND=noninteractive"]
@@ -120,6 +122,12 @@ source "amazon-ebs" "host" {
 
 build {
   sources = ["source.lxc.host", "source.amazon-ebs.host"]
+
+  provisioner "shell" {
+    only            = ["lxc.host"]
+    script          = "${path.root}/scripts/check-build-container"
+    execute_command = "chmod +x {{ .Path }}; {{ .Path }} /usr/bin/python3 /usr/bin/catatonit /usr/bin/lxc-start /usr/sbin/sshd --netless"
+  }
 
   # Packer's ssh proxy hangs with the lxc builder: Ansible attaches to the container itself.
   provisioner "ansible" {

@@ -21,7 +21,10 @@ variable "container_name" {
 }
 
 source "lxc" "sandbox" {
+  # Packer 1.6.6 only copies config_file into its output: create_options is what makes
+  # lxc-create apply it (else the container gets /etc/lxc/default.conf and its bridge).
   config_file         = "${path.root}/sandbox-build.conf"
+  create_options      = ["-f", "${path.root}/sandbox-build.conf"]
   template_name       = "debian"
   template_parameters = ["-r", "bookworm", "--packages=python3,catatonit"]
   output_directory    = var.output
@@ -31,6 +34,11 @@ source "lxc" "sandbox" {
 
 build {
   sources = ["source.lxc.sandbox"]
+
+  provisioner "shell" {
+    script          = "${path.root}/scripts/check-build-container"
+    execute_command = "chmod +x {{ .Path }}; {{ .Path }} /usr/bin/python3 /usr/bin/catatonit --netless"
+  }
 
   # Packer's ssh proxy hangs with the lxc builder: Ansible attaches to the container itself.
   provisioner "ansible" {
