@@ -9,8 +9,9 @@ import msgspec
 import pytest
 
 from stockade.runner import nginx, schema
+from stockade.runner.apparmor import PROFILE as APPARMOR_PROFILE
 from stockade.runner.config import FULL, LEAN, RunnerConfig, kind_for
-from stockade.runner.containers import APPARMOR_PROFILE, ContainerError, apparmor_profile
+from stockade.runner.containers import ContainerError, apparmor_profile
 from stockade.runner.metrics import Metrics
 
 

@@ -19,7 +19,7 @@ import lxc  # type: ignore[import-untyped]
 import msgspec
 
 from stockade.limits import LimitPolicy
-from stockade.runner import images
+from stockade.runner import apparmor, images
 from stockade.runner.config import RunnerConfig
 from stockade.sandbox.cgroups import MOUNTINFO, parse_mountinfo
 from stockade.sandbox.config import DEFAULT_PRELOAD, SandboxConfig
@@ -29,12 +29,6 @@ ZYGOTE_CONFIG_NAME = os.path.basename(images.ZYGOTE_CONFIG)
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0  # for a SIGKILLed container to stop
 CGROUP_TIMEOUT_S = 5.0  # for LXC's monitor process to leave its cgroup
-# AppArmor: where the kernel enforces it, pool containers run under stockade's own profile
-# (roles/lxc_host/files/stockade-sandbox): LXC's default one forbids the mounts that build
-# each run's private root.
-APPARMOR_PROFILE = "stockade-sandbox"
-APPARMOR_ENABLED = Path("/sys/module/apparmor/parameters/enabled")
-APPARMOR_PROFILES = Path("/sys/kernel/security/apparmor/profiles")
 
 
 class ContainerError(RuntimeError):
@@ -70,28 +64,23 @@ def zygote_config(config: RunnerConfig, preload: list[str]) -> SandboxConfig:
     )
 
 
-def apparmor_profile(enabled: Path = APPARMOR_ENABLED,
-                     profiles: Path = APPARMOR_PROFILES) -> str | None:
+def apparmor_profile(enabled: Path = apparmor.ENABLED,
+                     profiles: Path = apparmor.PROFILES) -> str | None:
     """The AppArmor profile for pool containers: None where the kernel does not enforce
     AppArmor (LXC ignores the key there), else stockade's, which must be loaded."""
-    try:
-        if enabled.read_text().strip() != "Y":
-            return None
-    except OSError:
+    if not apparmor.enforced(enabled):
         return None
     try:
-        loaded = {line.rsplit(" (", 1)[0] for line in profiles.read_text().splitlines()}
+        names = apparmor.loaded(profiles)
     except OSError as exc:
         raise ContainerError(f"the kernel enforces AppArmor, but {profiles} cannot be read "
                              f"({exc.strerror}): is securityfs mounted?") from None
-    if APPARMOR_PROFILE not in loaded:
+    if apparmor.PROFILE not in names:
         raise ContainerError(
-            f"the kernel enforces AppArmor and the profile {APPARMOR_PROFILE} is not loaded "
-            "(LXC's default container profile forbids the mounts each run needs): the "
-            "lxc_host role installs and loads it; by hand, copy "
-            f"roles/lxc_host/files/{APPARMOR_PROFILE} to /etc/apparmor.d/ and run "
-            f"apparmor_parser -r /etc/apparmor.d/{APPARMOR_PROFILE}")
-    return APPARMOR_PROFILE
+            f"the kernel enforces AppArmor and the profile {apparmor.PROFILE} is not loaded "
+            "(LXC's default container profile forbids the mounts each run needs): "
+            + apparmor.HOW_TO_LOAD)
+    return apparmor.PROFILE
 
 
 class Containers:

@@ -1,0 +1,126 @@
+"""`stockade doctor`: every check passes on a host `make packages` set up, and each one
+fails with its fix when what it checks is missing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stockade import doctor
+from stockade.runner.apparmor import PROFILE
+from stockade.runner.config import RunnerConfig
+
+BIN = Path(sys.executable).parent
+V1 = ("30 1 0:26 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+      "31 1 0:27 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n")
+V2 = "30 1 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def doctor_cli(*args: str, path: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": path or f"{BIN}:{os.environ['PATH']}"}
+    return subprocess.run([sys.executable, "-m", "stockade", "doctor", *args], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_this_host_passes_every_check() -> None:
+    done = doctor_cli("--listen", f"127.0.0.1:{free_port()}")
+    assert done.returncode == 0, done.stdout
+    assert "FAIL" not in done.stdout and "checks passed" in done.stdout
+
+
+def test_missing_template_tools_fail_with_the_package_to_install(tmp_path: Path) -> None:
+    """LXC's debian template needs rsync and debian-distro-info, which a new machine lacks."""
+    for program in ("lxc-start", "newuidmap", "catatonit", "packer", "debootstrap",
+                    "ansible-playbook"):
+        found = shutil.which(program, path=f"{BIN}:{os.environ['PATH']}")
+        assert found, program
+        (tmp_path / program).symlink_to(found)
+    done = doctor_cli("--listen", f"127.0.0.1:{free_port()}", path=str(tmp_path))
+    assert done.returncode == 1
+    assert "FAIL  rsync: not found" in done.stdout
+    assert "apt-get install rsync" in done.stdout
+    assert "FAIL  debian-distro-info: not found" in done.stdout
+    assert "apt-get install distro-info" in done.stdout
+    assert done.stdout.count("FAIL") == 2, done.stdout
+
+
+def test_serve_only_skips_the_build_tools(tmp_path: Path) -> None:
+    done = doctor_cli("--serve-only", "--listen", f"127.0.0.1:{free_port()}")
+    assert done.returncode == 0, done.stdout
+    assert "packer" not in done.stdout and "rsync" not in done.stdout
+
+
+def test_a_taken_address_fails() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        check = doctor.check_listen(RunnerConfig(port=port))
+    assert not check.ok and "LISTEN=" in check.fix
+
+
+@pytest.mark.parametrize(("mountinfo", "controllers", "ok", "words"), [
+    (V1 + "32 1 0:28 / /sys/fs/cgroup/cpuacct rw - cgroup cgroup rw,cpuacct\n", "", True,
+     "v1: memory, pids and cpuacct"),
+    (V1, "", False, "missing cpuacct"),
+    (V2, "cpuset cpu io memory pids", True, "v2: memory, pids and cpu"),
+    (V2, "cpu io", False, "missing memory, pids"),
+    ("", "", False, "no cgroup"),
+])
+def test_cgroups(tmp_path: Path, mountinfo: str, controllers: str, ok: bool,
+                 words: str) -> None:
+    (tmp_path / "cgroup.controllers").write_text(controllers)
+    check = doctor.check_cgroups(mountinfo, tmp_path)
+    assert check.ok is ok and words in check.detail
+
+
+def test_subordinate_ids(tmp_path: Path) -> None:
+    config = RunnerConfig()
+    assert doctor.check_subids(config, tmp_path).ok  # none yet: serve adds them
+    for name in ("subuid", "subgid"):
+        (tmp_path / name).write_text("root:100000:65536\n")
+    assert "root has 100000-165535" in doctor.check_subids(config, tmp_path).detail
+    (tmp_path / "subgid").write_text("alice:120000:65536\n")
+    check = doctor.check_subids(config, tmp_path)
+    assert not check.ok and "alice" in check.detail
+
+
+def test_apparmor(tmp_path: Path) -> None:
+    enabled, profiles = tmp_path / "enabled", tmp_path / "profiles"
+    assert doctor.check_apparmor(enabled, profiles).ok  # not in this kernel
+    enabled.write_text("Y\n")
+    profiles.write_text("lxc-container-default (enforce)\n")
+    check = doctor.check_apparmor(enabled, profiles)
+    assert not check.ok and "make apparmor" in check.fix
+    profiles.write_text(f"{PROFILE} (enforce)\n")
+    assert doctor.check_apparmor(enabled, profiles).ok
+
+
+def test_user_namespaces_and_overlay(tmp_path: Path) -> None:
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user/max_user_namespaces").write_text("0\n")
+    assert not doctor.check_user_namespaces(tmp_path).ok
+    (tmp_path / "filesystems").write_text("nodev\tproc\nnodev\toverlay\n")
+    assert doctor.check_overlayfs(tmp_path / "filesystems").ok
+
+
+def test_packer_version_is_parsed() -> None:
+    assert doctor.parse_packer_version("Packer v1.6.6\n") == (1, 6, 6)
+    assert doctor.parse_packer_version("nothing") is None
+
+
+def test_each_failure_prints_its_fix() -> None:
+    line = doctor.Check("rsync", False, "not found", "apt-get install rsync").line()
+    assert line.startswith("FAIL  rsync: not found") and "fix: apt-get install rsync" in line
