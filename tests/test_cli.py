@@ -11,13 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from stockade.result import OutFile
+from stockade.runner import remote
 from support.service import RunnerProcess
 
 STOCKADE = [sys.executable, "-m", "stockade"]
 
 
-def stockade(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([*STOCKADE, *args], input=stdin, capture_output=True, timeout=60)
+def stockade(*args: str, stdin: bytes | None = b"") -> subprocess.CompletedProcess[bytes]:
+    """stdin=None: no stdin at all (a terminal-less CI job), else what is piped in."""
+    return subprocess.run([*STOCKADE, *args], input=stdin, capture_output=True, timeout=60,
+                          stdin=subprocess.DEVNULL if stdin is None else None)
 
 
 @pytest.fixture
@@ -55,7 +59,7 @@ def test_exec_limit_hit_exits_1(tmp_path: Path) -> None:
     (["exec", "--memory", "999999", "PROGRAM"], "memory_mib=999999MiB is outside"),
     (["exec", "--cpu-time", "abc", "PROGRAM"], "invalid float value"),
     (["exec", "--bogus", "PROGRAM"], "unrecognized arguments"),
-    ([], "required"),
+    (["run"], "required: FILE"),
 ])
 def test_usage_errors_are_one_line_exit_2(program: Path, args: list[str], message: str) -> None:
     done = stockade(*[str(program) if a == "PROGRAM" else a for a in args])
@@ -95,3 +99,59 @@ def test_nginx_config_renders_the_site() -> None:
     site = stockade("nginx-config", "--listen", "8081", "--upstream", "127.0.0.1:9999")
     assert site.returncode == 0
     assert b"listen 8081;" in site.stdout and b"server 127.0.0.1:9999;" in site.stdout
+
+
+def test_version_is_printed() -> None:
+    done = stockade("--version")
+    assert done.returncode == 0 and done.stdout.decode().startswith("stockade 0.")
+
+
+def test_bare_stockade_prints_usage_and_commands() -> None:
+    done = stockade()
+    assert done.returncode == 2
+    text = done.stderr.decode()
+    assert text.startswith("usage: stockade")
+    for command in ("exec", "serve", "run", "doctor", "images"):
+        assert f"    {command} " in text, command
+
+
+def test_run_takes_piped_stdin_args_and_files_and_saves_out(runner: RunnerProcess,
+                                                            tmp_path: Path) -> None:
+    program = tmp_path / "prog.py"
+    program.write_text(
+        "import os, sys\n"
+        "os.makedirs('out/deep', exist_ok=True)\n"
+        "text = open('data.txt').read() + sys.stdin.read()\n"
+        "open('out/deep/report.txt', 'w').write(text.upper())\n"
+        "open('out/blob.bin', 'wb').write(open('raw.bin', 'rb').read()[::-1])\n"
+        "print(sys.argv[1:])\n")
+    (tmp_path / "data.txt").write_text("from a file, ")
+    (tmp_path / "bytes").write_bytes(b"\x00\xff\x01")
+    saved = tmp_path / "saved"
+    done = stockade("run", f"--url=http://127.0.0.1:{runner.port}",
+                    "--file", str(tmp_path / "data.txt"), "-f", f"raw.bin={tmp_path / 'bytes'}",
+                    "--out", str(saved), str(program), "-v", "--json", stdin=b"and a pipe")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"['-v', '--json']\n"  # after FILE, every word is the program's
+    assert (saved / "deep/report.txt").read_text() == "FROM A FILE, AND A PIPE"
+    assert (saved / "blob.bin").read_bytes() == b"\x01\xff\x00"
+    assert b"saved " in done.stderr
+
+
+def test_run_without_stdin_sends_none(runner: RunnerProcess, tmp_path: Path) -> None:
+    program = tmp_path / "prog.py"
+    program.write_text("import sys\nprint(repr(sys.stdin.read()))")
+    done = stockade("run", f"--url=http://127.0.0.1:{runner.port}", str(program), stdin=None)
+    assert done.returncode == 0 and done.stdout == b"''\n", done.stderr
+
+
+def test_saved_files_never_leave_the_directory_or_follow_links(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "link").symlink_to(target)
+    for name in ("../escape", "/etc/passwd", "a//b", "link/x", "link"):
+        with pytest.raises((remote.RemoteError, OSError)):
+            remote.save_files([OutFile(name=name, content="x")], out)
+    assert list(target.iterdir()) == [] and not (tmp_path / "escape").exists()

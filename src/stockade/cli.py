@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import sys
 import tempfile
@@ -11,11 +12,13 @@ from pathlib import Path
 
 import msgspec
 
+import stockade
 from stockade.limits import LimitError, LimitPolicy
 from stockade.result import Result, Status
 from stockade.runner import config as runner_config
 from stockade.runner.config import DEFAULT_CONFIG_PATH as DEFAULT_CONFIG
 from stockade.runner.config import RunnerConfig
+from stockade.runner.schema import FileIn, LimitsIn, RunRequest
 from stockade.sandbox.client import Job, run
 from stockade.sandbox.config import SandboxConfig
 from stockade.sandbox.launcher import ZygoteError, ZygoteProcess
@@ -23,6 +26,7 @@ from stockade.sandbox.launcher import ZygoteError, ZygoteProcess
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 MAX_STDIN = 16 << 20
 MAX_SOURCE = 4 << 20
+MAX_INPUT_FILE = 16 << 20
 
 LIMIT_FLAGS = (
     ("--cpu-time", "cpu_time_s", float, "S", "CPU time limit in seconds"),
@@ -52,8 +56,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="stockade", description="Run untrusted code, confined.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = _Parser(prog="stockade", description="Run untrusted code, confined.",
+                     epilog="`stockade COMMAND --help` describes a command.")
+    parser.add_argument("--version", action="version", version=f"stockade {stockade.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     ex = sub.add_parser("exec", help="run FILE once, confined, on this host (needs root)")
     _add_run_arguments(ex)
     ex.add_argument("--preload", default="", metavar="MODULES",
@@ -64,10 +70,26 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:8080")
     sv.add_argument("--config", metavar="FILE", help=f"JSON config (default {DEFAULT_CONFIG})")
 
-    rn = sub.add_parser("run", help="run FILE on a stockade runner over HTTP")
+    rn = sub.add_parser("run", help="run FILE on a stockade runner over HTTP",
+                        description="Options go before FILE; what follows FILE is the "
+                        "program's arguments. A piped stdin is the program's stdin.")
     _add_run_arguments(rn)
-    rn.add_argument("--stdin", metavar="F", help="file whose content is the program's stdin")
+    rn.add_argument("args", nargs=argparse.REMAINDER, metavar="ARG",
+                    help="arguments for the program")
+    rn.add_argument("--stdin", metavar="F", help="file whose content is the program's stdin "
+                    "(default: stdin, when it is not a terminal)")
+    rn.add_argument("-f", "--file", dest="files", action="append", default=[],
+                    metavar="[NAME=]PATH", help="put PATH in the run's working directory "
+                    "(as NAME); repeatable")
+    rn.add_argument("-o", "--out", metavar="DIR",
+                    help="save the files the program left under out/ to DIR")
     rn.add_argument("--url", default="http://127.0.0.1:8080", help="the runner's base URL")
+
+    dr = sub.add_parser("doctor", help="check that this host can serve (and build the image)")
+    dr.add_argument("--serve-only", action="store_true",
+                    help="skip what building the sandbox image needs (Packer, the template)")
+    dr.add_argument("--listen", metavar="HOST:PORT", help="the address `serve` will listen on")
+    dr.add_argument("--config", metavar="FILE", help=f"JSON config (default {DEFAULT_CONFIG})")
 
     im = sub.add_parser("images", help="manage the sandbox container image (root)")
     im_sub = im.add_subparsers(dest="images_command", required=True, parser_class=_Parser)
@@ -227,33 +249,83 @@ def cmd_nginx_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _input_file(spec: str) -> FileIn:
+    name, sep, path = spec.partition("=")
+    if not sep:
+        name, path = Path(spec).name, spec
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    if len(raw) > MAX_INPUT_FILE:
+        raise UsageError(f"{path} is larger than {MAX_INPUT_FILE >> 20} MiB")
+    try:
+        return FileIn(name=name, content=raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return FileIn(name=name, content=base64.b64encode(raw).decode(), encoding="base64")
+
+
+def _run_stdin(path: str | None) -> str:
+    if path:
+        return _read_source(path)
+    if sys.stdin is None or sys.stdin.closed or sys.stdin.isatty():
+        return ""
+    try:
+        return _read_stdin().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError("stdin is not UTF-8 text") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from stockade.runner import remote  # noqa: PLC0415 - keeps `exec` light
 
-    limits = {dest: getattr(args, dest) for _, dest, *_ in LIMIT_FLAGS
-              if getattr(args, dest) is not None}
-    code = _read_source(args.file)
-    stdin = ""
-    if args.stdin:
-        stdin = _read_source(args.stdin)
+    limits = {dest: getattr(args, dest) for _, dest, *_ in LIMIT_FLAGS}
+    request = RunRequest(code=_read_source(args.file), stdin=_run_stdin(args.stdin),
+                         args=list(args.args), files=[_input_file(f) for f in args.files],
+                         limits=LimitsIn(**limits))
     try:
-        result = remote.run(args.url, code, stdin, limits)
+        result = remote.run(args.url, request)
+        saved = remote.save_files(result.files, Path(args.out)) if args.out else []
     except remote.RemoteError as exc:
         if exc.usage:
             raise UsageError(str(exc)) from None
         print(f"stockade: {exc}", file=sys.stderr)
         return EXIT_INTERNAL
+    except OSError as exc:
+        raise UsageError(f"cannot save files to {args.out}: {exc.strerror}") from None
     _print(result, args.json)
+    for path in saved:
+        print(f"stockade: saved {path}", file=sys.stderr)
     return exit_status(result)
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from stockade import doctor  # noqa: PLC0415 - imports the runner's config
+
+    config = _runner_config(args.config, args.listen)
+    checks = doctor.run_checks(config, build=not args.serve_only)
+    for check in checks:
+        print(check.line())
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        print(f"stockade doctor: {len(failed)} of {len(checks)} checks failed", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"stockade doctor: all {len(checks)} checks passed")
+    return EXIT_OK
+
+
 COMMANDS = {"exec": cmd_exec, "serve": cmd_serve, "run": cmd_run, "images": cmd_images,
-            "nginx-config": cmd_nginx_config, "check-config": cmd_check_config}
+            "nginx-config": cmd_nginx_config, "check-config": cmd_check_config,
+            "doctor": cmd_doctor}
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
         return COMMANDS[args.command](args)
     except UsageError as exc:
         print(f"stockade: {exc}", file=sys.stderr)
