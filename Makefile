@@ -3,16 +3,27 @@ PYTHON ?= /usr/bin/python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
-# What the service and the tests need from Debian: python3-dev, gcc and pkg-config build
-# the LXC bindings against lxc-dev; lxc-templates and debootstrap make the sandbox image;
-# nginx-light is the reverse proxy; dnsmasq-base and nftables run lxc-net's bridge, which
-# the Molecule scenarios' containers are reached on with the ssh client; packer builds the
-# images; fdisk (sfdisk) and qemu-utils make the host image's disk, qemu-system-x86 boots
-# it for the image test; catatonit is every run's init (`stockade exec` and the tests run
-# zygotes on this host).
-APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libseccomp2 make \
-	ca-certificates lxc lxc-templates lxc-dev debootstrap uidmap nginx-light \
-	openssh-client dnsmasq-base nftables packer fdisk qemu-utils qemu-system-x86 catatonit
+# What serving needs from Debian (`make run`): python3-dev, gcc and pkg-config build the
+# LXC bindings against lxc-dev; lxc-templates, debootstrap, rsync and distro-info make the
+# sandbox image's rootfs (LXC's debian template copies its cache with rsync and names the
+# security suite with debian-distro-info); packer builds it; uidmap maps the containers'
+# uids; apparmor loads the pool's profile where the kernel enforces AppArmor; catatonit is
+# every run's init (`stockade exec` runs zygotes on this host).
+SERVE_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libseccomp2 make \
+	ca-certificates lxc lxc-templates lxc-dev debootstrap rsync distro-info uidmap \
+	apparmor packer catatonit
+# What the tests add (`make test`): nginx-light is the reverse proxy; dnsmasq-base and
+# nftables run lxc-net's bridge, which the Molecule scenarios' containers and the fresh
+# machine are reached on with the ssh client; fdisk (sfdisk) and qemu-utils make the host
+# image's disk, qemu-system-x86 boots it; git clones the checkout for the fresh machine,
+# openssl gives its bridge port an address (LXC's debian template).
+TEST_PACKAGES := nginx-light openssh-client dnsmasq-base nftables fdisk qemu-utils \
+	qemu-system-x86 git openssl
+# The venv: serving (the runner, the preloads, Ansible for the image build), then the tests.
+SERVE_EXTRAS := runner,preload,build
+TEST_EXTRAS := $(SERVE_EXTRAS),dev,ops
+LOGS := build/logs
+STEP := tools/step
 # The host image: stamped with the version, the commit and the build time
 # (SOURCE_DATE_EPOCH, when set, fixes the last for a reproducible stamp).
 HOST_IMAGE_DIR := images/host
@@ -22,26 +33,55 @@ BUILD_TIME = $(shell date -u -d @$${SOURCE_DATE_EPOCH:-$$(date +%s)} +%Y-%m-%dT%
 SCENARIOS ?= hardening runner
 
 .DEFAULT_GOAL := help
-.PHONY: help packages install run sandbox-image dist image host-image image-test roll roll-test test \
-	test-python molecule lint bench soak clean
+.PHONY: help packages test-packages install install-test apt doctor apparmor run sandbox-image dist \
+	image host-image image-test roll roll-test test test-python molecule fresh-test lint bench \
+	soak uninstall clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-$(BIN)/stockade: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,preload,runner,ops]'
+# The venv, in two layers: stamps say which extras it has.
+$(VENV)/.serve: pyproject.toml
+	@$(STEP) "creating .venv: stockade, the runner, numpy/pandas, Ansible" "~1 min" \
+		$(LOGS)/venv.log "rm -rf $(VENV) && make install" -- sh -c '$(PYTHON) -m venv $(VENV) && \
+		$(BIN)/pip install --disable-pip-version-check -e ".[$(SERVE_EXTRAS)]"'
 	@touch $@
 
-install: $(BIN)/stockade ## Create .venv: stockade, numpy/pandas preloads, dev and ops tools.
+$(VENV)/.test: $(VENV)/.serve
+	@$(STEP) "adding the test kit to .venv: pytest, Molecule, linters" "~1 min" \
+		$(LOGS)/venv-test.log "make install-test" -- \
+		$(BIN)/pip install --disable-pip-version-check -e ".[$(TEST_EXTRAS)]"
+	@touch $@
 
-packages: ## Install the Debian packages the service and the tests need, if missing (root).
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			--no-install-recommends $$missing >/dev/null; fi
+install: $(VENV)/.serve ## Create .venv with what serving needs (stockade, the runner, preloads, Ansible).
 
-run: packages install sandbox-image ## Build the sandbox image if needed, then serve on 127.0.0.1:8080 (root).
+install-test: $(VENV)/.test ## Add the test kit to .venv (pytest, linters, Molecule, testinfra).
+
+packages: ## Install the Debian packages serving needs, if missing (root).
+	@$(MAKE) --no-print-directory apt APT_LIST="$(SERVE_PACKAGES)"
+
+test-packages: ## Install the Debian packages the tests add, if missing (root).
+	@$(MAKE) --no-print-directory apt APT_LIST="$(SERVE_PACKAGES) $(TEST_PACKAGES)"
+
+apt:
+	@missing=$$(for p in $(APT_LIST); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then $(STEP) "installing Debian packages: $$(echo $$missing)" \
+		"~1-3 min" $(LOGS)/apt.log "apt-get install $$(echo $$missing)" -- sh -c \
+		'apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
+		--no-install-recommends '"$$(echo $$missing)"; fi
+
+doctor: install ## Check that this host can serve and build the sandbox image.
+	@PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/stockade doctor $(if $(LISTEN),--listen $(LISTEN))
+
+# Where the kernel enforces AppArmor, pool containers need stockade's profile loaded.
+apparmor: ## Load the pool's AppArmor profile where the kernel enforces AppArmor (root).
+	@if [ "$$(cat /sys/module/apparmor/parameters/enabled 2>/dev/null)" = Y ]; then \
+		install -m 0644 roles/lxc_host/files/stockade-sandbox /etc/apparmor.d/stockade-sandbox && \
+		apparmor_parser -r /etc/apparmor.d/stockade-sandbox && \
+		echo "apparmor: profile stockade-sandbox loaded"; fi
+
+run: packages install apparmor doctor sandbox-image ## Set up what is missing, then serve on 127.0.0.1:8080 (root).
+	@echo "==> serving on http://$(or $(LISTEN),127.0.0.1:8080) (Ctrl-C stops; make uninstall removes it all)"
 	$(BIN)/stockade serve $(if $(LISTEN),--listen $(LISTEN))
 
 # Packer (lxc builder, provisioned by ansible/sandbox.yml) builds the rootfs; stockade
@@ -49,18 +89,9 @@ run: packages install sandbox-image ## Build the sandbox image if needed, then s
 # installs it for the runner here and archives it under images/ for other hosts.
 sandbox-image: install ## Build the sandbox image with Packer unless it is current (FORCE=1: anyway).
 	@if [ -z "$(FORCE)" ] && $(BIN)/stockade images status; then :; else \
-		start=$$(date +%s) && rm -rf build/sandbox && \
-		{ lxc-destroy --force --name stockade-packer-sandbox >/dev/null 2>&1 || true; } && \
-		$(BIN)/stockade images stage --output build/sandbox/stage >/dev/null && \
-		PATH=$(CURDIR)/$(BIN):$$PATH packer build -color=false \
-			-var stage=$(CURDIR)/build/sandbox/stage -var output=$(CURDIR)/build/sandbox/out \
-			packer/sandbox.pkr.hcl >build/sandbox/packer.log 2>&1 \
-			|| { tail -40 build/sandbox/packer.log; exit 1; } && \
-		$(BIN)/stockade images import-rootfs --force build/sandbox/out/rootfs.tar.gz && \
-		rm -f images/$$($(BIN)/stockade images status | cut -d' ' -f3).tar.gz* && \
-		rm -rf build/sandbox && \
-		{ rmdir /sys/fs/cgroup/lxc.pivot /sys/fs/cgroup/*/lxc.pivot 2>/dev/null || true; } && \
-		echo "sandbox-image: built in $$(( $$(date +%s) - start )) s"; fi
+		$(STEP) "building the sandbox image with Packer" "~2 min; ~3 min the first time" \
+			$(LOGS)/sandbox-image.log "make sandbox-image FORCE=1 STEP_VERBOSE=1 PACKER_LOG=1" \
+			-- packer/scripts/build-sandbox-image $(BIN); fi
 	@mkdir -p images && archive=$$($(BIN)/stockade images export --output images) && \
 		(cd images && sha256sum "$${archive##*/}" > "$${archive##*/}.sha256") && \
 		echo "sandbox-image: $$archive (sha256 in $${archive##*/}.sha256)"
@@ -74,29 +105,11 @@ dist: install sandbox-image ## The runner's wheels and the sandbox image archive
 # Packer's lxc builder provisions a Debian container with ansible/image.yml and exports its
 # rootfs; scripts/rootfs-to-qcow2 makes that a bootable disk. Artifacts, with SHA256SUMS
 # and manifest.json, go to images/host/.
-image: packages dist ## Build both images: the sandbox's (images/) and the host's qcow2 (images/host/) (root).
-	@start=$$(date +%s) && version=$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("stockade"))') && \
-		commit='$(GIT_COMMIT)' && built='$(BUILD_TIME)' && \
-		rm -rf build/host $(HOST_IMAGE_DIR) && mkdir -p build/host && \
-		{ lxc-destroy --force --name stockade-packer-host >/dev/null 2>&1 || true; } && \
-		PATH=$(CURDIR)/$(BIN):$$PATH packer build -color=false -only=lxc.host \
-			-var wheelhouse=$(CURDIR)/dist/wheelhouse \
-			-var sandbox_archive=$$(ls $(CURDIR)/dist/stockade-sandbox-*.tar.gz) \
-			-var output=$(CURDIR)/build/host/out -var version=$$version \
-			-var commit=$$commit -var build_time=$$built \
-			packer/host.pkr.hcl >build/host/packer.log 2>&1 \
-			|| { tail -60 build/host/packer.log; exit 1; } && \
-		{ rmdir /sys/fs/cgroup/lxc.pivot /sys/fs/cgroup/*/lxc.pivot 2>/dev/null || true; } && \
-		mkdir -p $(HOST_IMAGE_DIR) && \
-		mv build/host/out/stockade-host.qcow2 build/host/out/rootfs.tar.gz \
-			build/host/out/packages.txt $(HOST_IMAGE_DIR)/ && \
-		tar -xzOf $(HOST_IMAGE_DIR)/rootfs.tar.gz ./rootfs/etc/stockade-release \
-			> $(HOST_IMAGE_DIR)/stockade-release && \
-		packer/scripts/write-manifest $(HOST_IMAGE_DIR) $$version $$commit $$built && \
-		rm -rf build/host && \
-		echo "image: built in $$(( $$(date +%s) - start )) s" && \
-		echo "image: sandbox $$(ls $(CURDIR)/images/stockade-sandbox-*.tar.gz)" && \
-		for f in $(HOST_IMAGE_DIR)/*; do echo "image: host    $(CURDIR)/$$f"; done
+image: test-packages dist ## Build both images: the sandbox's (images/) and the host's qcow2 (images/host/) (root).
+	@$(STEP) "building the host image: Packer, Ansible, then a qcow2" "~5 min" \
+		$(LOGS)/host-image.log "make image STEP_VERBOSE=1 PACKER_LOG=1" -- \
+		packer/scripts/build-host-image $(BIN) $(HOST_IMAGE_DIR) '$(GIT_COMMIT)' '$(BUILD_TIME)'
+	@for f in $(HOST_IMAGE_DIR)/*; do echo "image: $(CURDIR)/$$f"; done
 
 # What the image test and the rolling test use: rebuilt unless images/host was built from
 # this very commit (a tree with changes always rebuilds).
@@ -105,9 +118,10 @@ host-image:
 		! echo '$(GIT_COMMIT)' | grep -q dirty; then echo "image: $(HOST_IMAGE_DIR) is current"; \
 	else $(MAKE) --no-print-directory image; fi
 
-image-test: install host-image ## Boot the host image under qemu (TCG) and run the host testinfra suite on it (root).
-	@start=$$(date +%s) && PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python molecule/image/boot_and_test.py \
-		--image-dir $(HOST_IMAGE_DIR) && echo "image-test: passed in $$(( $$(date +%s) - start )) s"
+image-test: install-test host-image ## Boot the host image under qemu (TCG) and run the host testinfra suite on it (root).
+	@PATH=$(CURDIR)/$(BIN):$$PATH $(STEP) "image test: boot the host image under qemu, test it over ssh" \
+		"~3 min" $(LOGS)/image-test.log "make image-test STEP_VERBOSE=1" -- \
+		$(BIN)/python molecule/image/boot_and_test.py --image-dir $(HOST_IMAGE_DIR)
 
 # INVENTORY lists the hosts (group stockade_fleet, each with rolling_address) and the load
 # balancer's variables; IMAGE is the new host image (see the README, "Rolling replacement").
@@ -116,24 +130,32 @@ roll: install ## Replace every host of INVENTORY with IMAGE, a canary first (ans
 	cd ansible && PATH=$(CURDIR)/$(BIN):$$PATH ../$(BIN)/ansible-playbook -i $(abspath $(INVENTORY)) \
 		rolling_replace.yml -e rolling_image=$(abspath $(IMAGE))
 
-roll-test: install host-image ## 3 LXC hosts from the host image behind nginx, rolled out under load (root).
-	@start=$$(date +%s) && PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -p no:cacheprovider \
-		--rootdir molecule -s molecule/rolling && \
-		echo "roll-test: passed in $$(( $$(date +%s) - start )) s"
+roll-test: install-test host-image ## 3 LXC hosts from the host image behind nginx, rolled out under load (root).
+	@PATH=$(CURDIR)/$(BIN):$$PATH $(STEP) "rolling test: a fleet of 3 hosts replaced under load" \
+		"~8 min" $(LOGS)/roll-test.log "make roll-test STEP_VERBOSE=1" -- \
+		$(BIN)/pytest -p no:cacheprovider --rootdir molecule -s molecule/rolling
 
 test: test-python molecule image-test roll-test ## Every test: pytest, Molecule, the host image's VM and rollout tests (root).
 
-test-python: install sandbox-image ## The pytest suite (root: real namespaces, cgroups, seccomp, LXC, nginx).
-	$(BIN)/pytest $(PYTEST_ARGS)
+# pytest's own progress is the feedback: streamed, and kept in the log too.
+test-python: test-packages install-test sandbox-image ## The pytest suite (root: real namespaces, cgroups, seccomp, LXC, nginx).
+	@STEP_VERBOSE=1 $(STEP) "pytest: units, attacks, the runner end to end" "~2 min" \
+		$(LOGS)/pytest.log "$(BIN)/pytest -x -k NAME_OF_THE_FAILED_TEST" -- $(BIN)/pytest $(PYTEST_ARGS)
 
-molecule: packages dist ## Molecule scenarios: hosts built by the roles, checked by testinfra.
+molecule: test-packages install-test dist ## Molecule scenarios: hosts built by the roles, checked by testinfra.
 	@for scenario in $(SCENARIOS); do \
-		start=$$(date +%s); \
-		PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/molecule test -s $$scenario || exit 1; \
-		echo "molecule: $$scenario passed in $$(( $$(date +%s) - start )) s"; \
+		PATH=$(CURDIR)/$(BIN):$$PATH $(STEP) "molecule scenario $$scenario: converge, idempotence, verify" \
+			"~3 min" $(LOGS)/molecule-$$scenario.log \
+			"PATH=$(CURDIR)/$(BIN):\$$PATH molecule converge -s $$scenario && molecule login -s $$scenario" -- \
+			$(BIN)/molecule test -s $$scenario || exit 1; \
 	done
 
-lint: install ## ruff, mypy, ansible-lint (production profile), packer validate.
+# A pristine Debian 12 system container (nested LXC) gets a clean clone of HEAD and runs the
+# README's set-up command; passes when /readyz answers and hello and pandas runs are ok.
+fresh-test: test-packages ## Prove the README's set-up on a pristine Debian 12 (~10 min; root).
+	@$(PYTHON) tests/fresh/fresh_machine.py
+
+lint: install-test ## ruff, mypy, ansible-lint (production profile), packer validate.
 	$(BIN)/ruff check src tests bench molecule packer/scripts/write-manifest
 	$(BIN)/mypy
 	cd ansible && PATH=$(CURDIR)/$(BIN):$$PATH ../$(BIN)/ansible-lint --profile production \
@@ -151,6 +173,9 @@ bench: install ## Latency, throughput and memory vs bare interpreter spawns (not
 
 soak: install ## 10 minutes of mixed good and hostile load; checks nothing grows (not in CI).
 	$(BIN)/python bench/soak.py $(if $(SOAK_S),--seconds $(SOAK_S))
+
+uninstall: ## Remove what `make run` set up: runner state, containers, user, subuid lines, caches (root).
+	@tools/uninstall
 
 clean: ## Remove the venv and caches.
 	rm -rf $(VENV) build dist images .pytest_cache .mypy_cache .ruff_cache
