@@ -65,7 +65,8 @@ test-packages: ## Install the Debian packages the tests add, if missing (root).
 
 apt:
 	@missing=$$(for p in $(APT_LIST); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
-	if [ -n "$$missing" ]; then $(STEP) "installing Debian packages: $$(echo $$missing)" \
+	if [ -n "$$missing" ]; then echo "==> Debian packages to install:" $$missing; \
+		$(STEP) "installing $$(echo $$missing | wc -w) Debian packages" \
 		"~1-3 min" $(LOGS)/apt.log "apt-get install $$(echo $$missing)" -- sh -c \
 		'apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
 		--no-install-recommends '"$$(echo $$missing)"; fi
@@ -97,8 +98,10 @@ sandbox-image: install ## Build the sandbox image with Packer unless it is curre
 		echo "sandbox-image: $$archive (sha256 in $${archive##*/}.sha256)"
 
 dist: install sandbox-image ## The runner's wheels and the sandbox image archive, for Ansible (root).
-	rm -rf dist/wheelhouse
-	$(BIN)/pip wheel --quiet --disable-pip-version-check --use-pep517 --wheel-dir dist/wheelhouse '.[runner]'
+	@rm -rf dist/wheelhouse
+	@$(STEP) "building the runner's wheels for hosts" "~1 min" $(LOGS)/wheels.log \
+		"make dist STEP_VERBOSE=1" -- $(BIN)/pip wheel --disable-pip-version-check \
+		--use-pep517 --wheel-dir dist/wheelhouse '.[runner]'
 	@archive=$$($(BIN)/stockade images export --output dist) && echo "dist: $$archive" && \
 		find dist -maxdepth 1 -name 'stockade-sandbox-*.tar.gz' ! -path "$$archive" -delete
 
@@ -124,7 +127,7 @@ image-test: install-test host-image ## Boot the host image under qemu (TCG) and 
 		$(BIN)/python molecule/image/boot_and_test.py --image-dir $(HOST_IMAGE_DIR)
 
 # INVENTORY lists the hosts (group stockade_fleet, each with rolling_address) and the load
-# balancer's variables; IMAGE is the new host image (see the README, "Rolling replacement").
+# balancer's variables; IMAGE is the new host image (docs/operations.md, "Rolling replacement").
 roll: install ## Replace every host of INVENTORY with IMAGE, a canary first (ansible/rolling_replace.yml).
 	@test -n "$(INVENTORY)" -a -n "$(IMAGE)" || { echo "usage: make roll INVENTORY=FILE IMAGE=PATH"; exit 2; }
 	cd ansible && PATH=$(CURDIR)/$(BIN):$$PATH ../$(BIN)/ansible-playbook -i $(abspath $(INVENTORY)) \

@@ -147,7 +147,7 @@ def main() -> int:
         return 2
     for tool in ("qemu-system-x86_64", "qemu-img", "ssh", "ssh-keygen"):
         if shutil.which(tool) is None:
-            print(f"image-test: {tool} is missing: run `make packages`", file=sys.stderr)
+            print(f"image-test: {tool} is missing: run `make test-packages`", file=sys.stderr)
             return 2
 
     work = Path(tempfile.mkdtemp(prefix="stockade-image-test-"))
