@@ -63,13 +63,13 @@ def say(message: str) -> None:
 
 
 def sh(*command: str, check: bool = True, env: dict[str, str] | None = None,
-       timeout: float = 600) -> subprocess.CompletedProcess[str]:
+       timeout: float = 600, label: str = "") -> subprocess.CompletedProcess[str]:
     done = subprocess.run(command, capture_output=True, text=True, check=False,
                           env=env, timeout=timeout)
     with (WORK / "host.log").open("a") as log:
         log.write(f"$ {shlex.join(command)}\n{done.stdout}{done.stderr}[exit {done.returncode}]\n")
     if check and done.returncode != 0:
-        raise FreshTestError(f"{shlex.join(command)} failed ({done.returncode}): "
+        raise FreshTestError(f"{label or shlex.join(command)} failed ({done.returncode}): "
                              f"{(done.stderr or done.stdout).strip()[-2000:]}")
     return done
 
@@ -89,7 +89,8 @@ def attach(script: str, check: bool = True,
     command = ["lxc-attach", "-P", str(LXC_PATH), "-n", NAME, "--clear-env"]
     for pair in guest_env():
         command += ["--set-var", pair]
-    return sh(*command, "--", "bash", "-c", script, check=check, timeout=timeout)
+    return sh(*command, "--", "bash", "-c", script, check=check, timeout=timeout,
+              label=f"in the container: {script}")
 
 
 def readme_setup_command() -> str:
@@ -208,14 +209,15 @@ def remove_container() -> None:
 def run_setup(command: str) -> None:
     say(f"running the README's set-up command in {CHECKOUT}: {command}")
     attach(f"cd {CHECKOUT} && setsid -f bash -c {shlex.quote(command)} "
-           "</dev/null >/root/setup.log 2>&1; sleep 1; pgrep -f 'make run' > /root/setup.pid")
+           "</dev/null >/root/setup.log 2>&1")
     start = time.monotonic()
     beat = start + HEARTBEAT_S
     while time.monotonic() - start < SETUP_TIMEOUT_S:
         if attach(f"curl -fsS {URL}/readyz", check=False).returncode == 0:
             say(f"ready after {time.monotonic() - start:.0f} s")
             return
-        if attach("pgrep -f 'make run' >/dev/null", check=False).returncode != 0:
+        # [m]: the pattern must not match this very shell's command line.
+        if attach("pgrep -f '[m]ake run' >/dev/null", check=False).returncode != 0:
             raise FreshTestError("the set-up command ended before the runner was ready")
         if time.monotonic() >= beat:
             last = attach("tail -n 1 /root/setup.log", check=False).stdout.strip()[:100]
@@ -243,8 +245,8 @@ def check_runs() -> None:
 
 
 def check_uninstall() -> None:
-    attach("pkill -INT -f 'stockade serve'; for i in $(seq 60); do "
-           "pgrep -f 'stockade serve' >/dev/null || exit 0; sleep 1; done; exit 1", timeout=90)
+    attach("pkill -INT -f '[s]tockade serve'; for i in $(seq 60); do "
+           "pgrep -f '[s]tockade serve' >/dev/null || exit 0; sleep 1; done; exit 1", timeout=90)
     attach(f"cd {CHECKOUT} && make uninstall", timeout=300)
     left = attach("id stockade 2>/dev/null; grep -h '^root:100000:' /etc/subuid /etc/subgid; "
                   "ls -d /var/lib/stockade /run/stockade /etc/stockade 2>/dev/null; "
