@@ -22,26 +22,29 @@ import threading
 import time
 import traceback
 
-from stockade.sandbox import confine, libc, run, zygote
+from stockade.sandbox import confine, libc
 from stockade.sandbox.cgroups import CgroupDriver, RunCgroup
 from stockade.sandbox.config import SandboxConfig
+from stockade.sandbox.family import INIT_PROGRAM
+from stockade.sandbox.plan import RunPlan, make_plan
+from stockade.sandbox.worker import worker_steps
 
 LAYERS = ("fork", "pid namespace", "private root", "init process", "confinement steps",
           "run cgroup")  # "init process": catatonit as pid 1, the run as pid 2
 CGROUP_PARENT = "stockade-bench-layers"
 
 
-def plan_for(index: int, state: str) -> run.RunPlan:
+def plan_for(index: int, state: str) -> RunPlan:
     uid = 61950 + index
-    return zygote.make_plan(SandboxConfig(socket_path=f"{state}/unused.sock", state_dir=state,
+    return make_plan(SandboxConfig(socket_path=f"{state}/unused.sock", state_dir=state,
                                           run_uid=uid, run_gid=uid, isolate_network=False))
 
 
-def one_run(plan: run.RunPlan, layers: set[str], cgroup: RunCgroup | None) -> None:
+def one_run(plan: RunPlan, layers: set[str], cgroup: RunCgroup | None) -> None:
     """The child: the chosen parts of a run's setup, then `print(1)` into a pipe."""
     out_r, out_w = os.pipe()
     procs = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in cgroup.procs_paths] if cgroup else []
-    init = os.posix_spawn(zygote.INIT_PROGRAM[0], list(zygote.INIT_PROGRAM), {}) \
+    init = os.posix_spawn(INIT_PROGRAM[0], list(INIT_PROGRAM), {}) \
         if "init process" in layers else None  # pid 1, the run pid 2: as the zygote does
     pid = os.fork()
     if pid == 0:
@@ -54,7 +57,7 @@ def one_run(plan: run.RunPlan, layers: set[str], cgroup: RunCgroup | None) -> No
             if "private root" in layers:
                 confine.enter_private_root(plan.root)
             if "confinement steps" in layers:
-                for _, step in run.worker_steps(plan, {out_w}):
+                for _, step in worker_steps(plan, {out_w}):
                     step()
             os.dup2(out_w, 1)
             exec(compile("print(1)", "main.py", "exec"), {})  # noqa: S102 - the benchmark

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from typing import Any
 
-from stockade.sandbox import cgroups, confine, libc, run, zygote
+from stockade.sandbox import cgroups, confine, libc, worker, zygote
 
 WORKER_STEPS = {"identity", "securebits", "capabilities", "no_new_privs", "seccomp",
                 "environment"}
@@ -33,13 +33,13 @@ def _host_workdir(plan: confine.RootPlan) -> None:
 
 def weaken(layer: str) -> None:
     if layer in WORKER_STEPS:
-        original = run.worker_steps
-        run.worker_steps = lambda plan, keep: [  # type: ignore[assignment]
+        original = worker.worker_steps
+        worker.worker_steps = lambda plan, keep: [  # type: ignore[assignment]
             (name, step) for name, step in original(plan, keep) if name != layer]
     elif layer == "fds":  # both the init's and the worker's closing
         confine.close_inherited_fds = _nothing  # type: ignore[assignment]
     elif layer == "rlimits":
-        run.apply_rlimits = _nothing  # type: ignore[assignment]
+        worker.apply_rlimits = _nothing  # type: ignore[assignment]
     elif layer == "pid":
         confine.enter_new_pid_namespace_for_children = _nothing  # type: ignore[assignment]
     elif layer in NAMESPACES:

@@ -1,6 +1,6 @@
 """The confinement steps a run applies to itself, each named for what it guarantees.
 
-Order matters and is fixed by `stockade.sandbox.run`: namespaces -> mounts -> rlimits ->
+Order matters and is fixed by `stockade.sandbox.worker`: namespaces -> mounts -> rlimits ->
 identity -> securebits -> capabilities -> no_new_privs -> seccomp -> fds -> environment.
 A step either fully succeeds or raises; none of them degrades silently.
 """

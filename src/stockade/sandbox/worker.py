@@ -1,10 +1,9 @@
-"""A run's processes: a small exec'd init and the worker forked from the zygote.
+"""A run's worker: forked from the zygote into the run's pid namespace, it confines itself
+and becomes the program.
 
-Both are prepared before the request arrives. The zygote spawns the run's init,
-`catatonit -P` (pid 1 of a fresh pid namespace: it only reaps orphans), then forks the
-worker into that namespace. The worker joins the run's cgroup, unshares the other
-namespaces in a private copy of the zygote's root template, mounts the run's own /proc
-and tmpfs, confines itself step by step and waits. On "go" it lowers its rlimits to the
+It is prepared before the request arrives, under the run's init (`family.py`): it joins
+the run's cgroup, unshares the other namespaces in a private copy of the zygote's root
+template, mounts the run's own /proc and tmpfs, confines itself step by step and waits. On "go" it lowers its rlimits to the
 request's, takes its stdio and runs the program in-process. When the worker ends, the
 zygote kills the init, and with it whatever the program left in the namespace.
 """
@@ -14,145 +13,29 @@ from __future__ import annotations
 import atexit
 import builtins
 import contextlib
-import ctypes
 import fcntl
-import itertools
 import os
 import signal
 import socket
-import stat
 import sys
 import traceback
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
-
-import msgspec
 
 from stockade import protocol
 from stockade.limits import Limits
 from stockade.sandbox import confine, libc
 from stockade.sandbox.config import WORKDIR
+from stockade.sandbox.plan import RunPlan
 
-MAX_OUT_ENTRIES = 4096  # directory entries the out/ collector looks at, at most
 SETUP_FAILED = 125  # the worker's exit code when confinement failed (the pipe says why)
 MAX_ERROR = 4000
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """Everything a run needs from its zygote; shared, immutable, free of secrets."""
-
-    root: confine.RootPlan
-    root_template_fd: int  # the zygote's root template (a mount namespace), see confine
-    namespaces: int
-    seccomp_program: bytes
-    seccomp_buffer: ctypes.Array[ctypes.c_char]
-    rlimit_nofile: int
-    rlimit_nproc: int
-    rlimit_stack_mib: int
-    max_payload_bytes: int
-    limit_ceiling: Limits
-    max_out_files: int
-    max_out_bytes: int
 
 
 def _reset_signals() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])  # the zygote forks with some blocked
-
-
-def has_out_dir(workdir: int) -> bool:
-    """Most programs leave no out/: then there is nothing to kill, drop or walk."""
-    try:
-        return stat.S_ISDIR(os.stat(protocol.OUT_DIR, dir_fd=workdir,
-                                    follow_symlinks=False).st_mode)
-    except OSError:
-        return False
-
-
-def collect_outputs(outbox: int, workdir: int, plan: RunPlan) -> None:
-    """Bring back the regular files the program left under out/, into the client's outbox.
-
-    Runs in a process of its own, forked from the zygote after the whole run is dead, so
-    nothing changes underneath. It takes the run's uid (no capability, no more rights
-    than the program had) and walks out/ from the run's workdir one directory descriptor
-    at a time, never following a symlink, never reading a hard-linked file, a FIFO or a
-    device."""
-    confine.drop_identity(plan.root.run_uid, plan.root.run_gid)
-    confine.drop_capabilities()
-    collected = _Collector(plan.max_out_files, plan.max_out_bytes)
-    try:
-        root = os.open(protocol.OUT_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                       | os.O_CLOEXEC, dir_fd=workdir)
-    except OSError:
-        root = -1  # no out/ (or not a directory): no files
-    if root >= 0:
-        collected.walk(root, "", 1)
-    content = protocol.OutboxContent(files=collected.files, truncated=collected.truncated)
-    view = memoryview(msgspec.msgpack.encode(content))
-    while view:
-        view = view[os.write(outbox, view):]
-    os.close(outbox)
-
-
-class _Collector:
-    def __init__(self, max_files: int, max_bytes: int) -> None:
-        self.files: list[protocol.OutputFile] = []
-        self.truncated = False
-        self.max_files = max_files
-        self.budget = max_bytes
-        # Names looked at, in all: a tmpfs holds millions of empty files in a few MiB.
-        self.entries_left = MAX_OUT_ENTRIES
-
-    def walk(self, directory: int, prefix: str, depth: int) -> None:
-        try:
-            with os.scandir(directory) as entries:
-                names = sorted(e.name for e in itertools.islice(entries, self.entries_left + 1))
-        except OSError:
-            self.truncated = True
-            names = []
-        if len(names) > self.entries_left:
-            self.truncated = True
-        for name in names[:self.entries_left]:
-            self.entries_left -= 1
-            self._entry(directory, name, f"{prefix}{name}", depth)
-        os.close(directory)
-
-    def _entry(self, directory: int, name: str, path: str, depth: int) -> None:
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
-        try:
-            fd = os.open(name, flags, dir_fd=directory)
-        except OSError:
-            self.truncated = True  # a symlink (ELOOP), or unreadable
-            return
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode) and depth < protocol.MAX_PATH_DEPTH:
-            self.walk(fd, f"{path}/", depth + 1)
-            return
-        wanted = stat.S_ISREG(st.st_mode) and st.st_nlink == 1  # never a planted hard link
-        fits = len(self.files) < self.max_files and st.st_size <= self.budget
-        try:
-            if wanted and fits:
-                self._read(fd, path)
-            else:
-                self.truncated = True
-        finally:
-            os.close(fd)
-
-    def _read(self, fd: int, path: str) -> None:
-        data = bytearray()
-        while len(data) <= self.budget:
-            chunk = os.read(fd, min(65536, self.budget + 1 - len(data)))
-            if not chunk:
-                break
-            data += chunk
-        if len(data) > self.budget:
-            self.truncated = True
-            return
-        self.budget -= len(data)
-        self.files.append(protocol.OutputFile(path, bytes(data)))
 
 
 def worker_steps(plan: RunPlan, keep: set[int]) -> list[tuple[str, Callable[[], None]]]:
