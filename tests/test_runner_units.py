@@ -4,15 +4,17 @@ units, metrics text, the nginx site, the AppArmor profile choice."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 
-from stockade.runner import nginx, schema
-from stockade.runner.apparmor import PROFILE as APPARMOR_PROFILE
+from stockade.limits import LimitsIn
 from stockade.runner.config import FULL, LEAN, RunnerConfig, kind_for
-from stockade.runner.containers import ContainerError, apparmor_profile
-from stockade.runner.metrics import Metrics
+from stockade.runner.front import nginx, piston, schema
+from stockade.runner.front.metrics import Metrics
+from stockade.runner.manager.apparmor import PROFILE as APPARMOR_PROFILE
+from stockade.runner.manager.containers import ContainerError, apparmor_profile
 
 
 @pytest.mark.parametrize(("sources", "kind"), [
@@ -61,10 +63,27 @@ def test_validation_errors_name_the_field(body: bytes, field: str) -> None:
     assert (caught.value.status, caught.value.field) == (422, field)
 
 
-def test_piston_units_become_stockades() -> None:
-    request = schema.PistonRequest(language="python", files=[], run_timeout=2500,
-                                   run_cpu_time=-1, run_memory_limit=64 << 20)
-    assert schema.piston_limits(request) == {"wall_time_s": 2.5, "memory_mib": 64}
+def test_a_piston_request_becomes_a_native_one() -> None:
+    request = piston.PistonRequest(
+        language="py", version="3", stdin="in", args=["-v"], run_timeout=2500,
+        run_cpu_time=-1, run_memory_limit=64 << 20,
+        files=[piston.PistonFile("print(1)"), piston.PistonFile("ff00", encoding="hex"),
+               piston.PistonFile("x", name="data.txt")])
+    native = piston.to_run_request(request, "3.11.2")
+    assert native == schema.RunRequest(
+        code="print(1)", stdin="in", args=["-v"],
+        files=[schema.FileIn("file1", "/wA=", "base64"), schema.FileIn("data.txt", "x")],
+        limits=LimitsIn(wall_time_s=2.5, memory_mib=64))
+
+
+@pytest.mark.parametrize(("changes", "words"), [
+    ({"version": "2.7"}, "runtime is unknown"), ({"files": []}, "at least the program"),
+    ({"language": "ruby"}, "unknown language"), ({"run_timeout": -5}, "-1 or positive")])
+def test_piston_requests_refused_before_any_run(changes: dict[str, Any], words: str) -> None:
+    fields: dict[str, Any] = {"language": "python", "files": [piston.PistonFile("")],
+                              **changes}
+    with pytest.raises(schema.ApiError, match=words):
+        piston.to_run_request(piston.PistonRequest(**fields), "3.11.2")
 
 
 def test_metrics_histogram_is_cumulative() -> None:

@@ -5,13 +5,23 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 
 from stockade import protocol
-from stockade.limits import LimitError, LimitPolicy, Limits
-from stockade.result import Outcome, Status, judge
+from stockade.limits import (
+    BY_NAME,
+    CEILING,
+    FIELDS,
+    FLOOR,
+    LimitError,
+    LimitPolicy,
+    Limits,
+    LimitsIn,
+)
+from stockade.result import KillReason, Outcome, Status, judge
 from stockade.sandbox.cgroups import CgroupDriver, RunCgroup, parse_mountinfo
 
 POLICY = LimitPolicy()
@@ -19,18 +29,37 @@ POLICY = LimitPolicy()
 
 def test_limits_default_and_resolve() -> None:
     assert POLICY.resolve(None) == Limits()
-    assert POLICY.resolve({"memory_mib": 256, "cpu_time_s": 1}).memory_mib == 256
+    assert POLICY.resolve(LimitsIn(memory_mib=256, cpu_time_s=1)).memory_mib == 256
 
 
 @pytest.mark.parametrize(("requested", "field"), [
     ({"memory_mib": 4096}, "memory_mib"), ({"memory_mib": 8}, "memory_mib"),
     ({"cpu_time_s": float("nan")}, "cpu_time_s"), ({"processes": 2.5}, "processes"),
-    ({"processes": True}, "processes"), ({"wall_time_s": "1"}, "wall_time_s"),
-    ({"bogus": 1}, "bogus")])
-def test_limits_refused_with_the_field_named(requested: dict[str, object], field: str) -> None:
+    ({"processes": True}, "processes"), ({"wall_time_s": "1"}, "wall_time_s")])
+def test_limits_refused_with_the_field_named(requested: dict[str, Any], field: str) -> None:
     with pytest.raises(LimitError) as info:
-        POLICY.resolve(requested)
+        POLICY.resolve(LimitsIn(**requested))
     assert info.value.field == field and field in info.value.message
+
+
+def test_an_unknown_limit_is_refused_when_decoded() -> None:
+    with pytest.raises(msgspec.ValidationError, match="bogus"):
+        msgspec.convert({"bogus": 1}, LimitsIn)
+
+
+def test_the_zygote_admits_only_limits_within_the_policy() -> None:
+    assert POLICY.admit(Limits()) == Limits()
+    with pytest.raises(LimitError) as info:
+        POLICY.admit(Limits(memory_mib=4096))
+    assert info.value.field == "memory_mib"
+
+
+def test_each_limit_is_defined_once_with_its_unit_flag_and_range() -> None:
+    assert [f.name for f in FIELDS] == list(Limits.__struct_fields__)
+    assert list(LimitsIn.__struct_fields__) == list(Limits.__struct_fields__)
+    memory = BY_NAME["memory_mib"]
+    assert (memory.flag, memory.unit, memory.kind, memory.floor) == ("--memory", "MiB", int, 16)
+    assert FLOOR.memory_mib == 16 and CEILING.cpu_time_s == 300.0
 
 
 def test_policy_refuses_a_default_above_its_maximum() -> None:
@@ -44,11 +73,12 @@ def test_policy_refuses_a_default_above_its_maximum() -> None:
     (Outcome(signal=signal.SIGSEGV), False, Status.SIGNALED),
     (Outcome(signal=signal.SIGXFSZ), False, Status.FILE_SIZE_LIMIT),
     (Outcome(signal=signal.SIGXCPU), False, Status.TIME_LIMIT),
-    (Outcome(signal=signal.SIGKILL, killed_for="wall_time"), False, Status.WALL_TIME_LIMIT),
-    (Outcome(signal=signal.SIGKILL, killed_for="cpu_time"), False, Status.TIME_LIMIT),
+    (Outcome(signal=signal.SIGKILL, killed_for=KillReason.WALL_TIME), False,
+     Status.WALL_TIME_LIMIT),
+    (Outcome(signal=signal.SIGKILL, killed_for=KillReason.CPU_TIME), False, Status.TIME_LIMIT),
     (Outcome(exit_code=0, cpu_time_s=9.0), False, Status.TIME_LIMIT),
     (Outcome(signal=signal.SIGKILL, oom_killed=True), False, Status.MEMORY_LIMIT),
-    (Outcome(signal=signal.SIGKILL, killed_for="output"), True, Status.OUTPUT_LIMIT),
+    (Outcome(signal=signal.SIGKILL, killed_for=KillReason.OUTPUT), True, Status.OUTPUT_LIMIT),
     (Outcome(exit_code=0), True, Status.OUTPUT_LIMIT),
     (Outcome(error="boom", oom_killed=True), False, Status.INTERNAL_ERROR),
 ])

@@ -13,12 +13,13 @@ from pathlib import Path
 import msgspec
 
 import stockade
-from stockade.limits import LimitError, LimitPolicy
+from stockade import limits as limits_module
+from stockade.limits import LimitError, LimitPolicy, LimitsIn
 from stockade.result import Result, Status
 from stockade.runner import config as runner_config
 from stockade.runner.config import DEFAULT_CONFIG_PATH as DEFAULT_CONFIG
 from stockade.runner.config import RunnerConfig
-from stockade.runner.schema import FileIn, LimitsIn, RunRequest
+from stockade.runner.front.schema import FileIn, RunRequest
 from stockade.sandbox.client import Job, run
 from stockade.sandbox.config import SandboxConfig
 from stockade.sandbox.launcher import ZygoteError, ZygoteProcess
@@ -28,14 +29,6 @@ MAX_STDIN = 16 << 20
 MAX_SOURCE = 4 << 20
 MAX_INPUT_FILE = 16 << 20
 
-LIMIT_FLAGS = (
-    ("--cpu-time", "cpu_time_s", float, "S", "CPU time limit in seconds"),
-    ("--wall-time", "wall_time_s", float, "S", "wall-clock limit in seconds"),
-    ("--memory", "memory_mib", int, "MIB", "memory limit in MiB"),
-    ("--processes", "processes", int, "N", "process and thread limit"),
-    ("--output", "output_kib", int, "KIB", "stdout and stderr cap in KiB, each"),
-    ("--file-size", "file_size_kib", int, "KIB", "largest file the program may write, KiB"),
-)
 
 
 class UsageError(Exception):
@@ -50,8 +43,9 @@ class _Parser(argparse.ArgumentParser):
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """FILE, the limit flags and --json: what `exec` and `run` share."""
     parser.add_argument("file", metavar="FILE", help="Python program to run")
-    for flag, dest, kind, metavar, text in LIMIT_FLAGS:
-        parser.add_argument(flag, dest=dest, type=kind, metavar=metavar, help=text)
+    for field in limits_module.FIELDS:
+        parser.add_argument(field.flag, dest=field.name, type=field.kind,
+                            metavar=field.metavar, help=field.description)
     parser.add_argument("--json", action="store_true", help="print one result record as JSON")
 
 
@@ -118,13 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_source(path: str) -> str:
+def _read_capped(path: str, cap: int) -> bytes:
     try:
-        raw = Path(path).read_bytes()
+        with Path(path).open("rb") as handle:
+            raw = handle.read(cap + 1)
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    if len(raw) > MAX_SOURCE:
-        raise UsageError(f"{path} is larger than {MAX_SOURCE >> 20} MiB")
+    if len(raw) > cap:
+        raise UsageError(f"{path} is larger than {cap >> 20} MiB")
+    return raw
+
+
+def _read_source(path: str) -> str:
+    raw = _read_capped(path, MAX_SOURCE)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -138,6 +138,10 @@ def _read_stdin() -> bytes:
     if len(data) > MAX_STDIN:
         raise UsageError(f"stdin is larger than {MAX_STDIN >> 20} MiB")
     return data
+
+
+def _requested_limits(args: argparse.Namespace) -> LimitsIn:
+    return LimitsIn(**{field.name: getattr(args, field.name) for field in limits_module.FIELDS})
 
 
 def exit_status(result: Result) -> int:
@@ -157,10 +161,9 @@ def _print(result: Result, as_json: bool) -> None:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    requested = {dest: getattr(args, dest) for _, dest, *_ in LIMIT_FLAGS}
     policy = LimitPolicy()
     try:
-        limits = policy.resolve(requested)
+        limits = policy.resolve(_requested_limits(args))
     except LimitError as exc:
         raise UsageError(exc.message) from None
     code = _read_source(args.file)
@@ -205,7 +208,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
-    from stockade.runner import images  # noqa: PLC0415 - needs the runner extra
+    from stockade.runner.manager import images  # noqa: PLC0415 - needs the runner extra
 
     if args.images_command == "stage":
         print(images.stage(Path(args.output)))
@@ -242,7 +245,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_nginx_config(args: argparse.Namespace) -> int:
-    from stockade.runner import nginx  # noqa: PLC0415 - keeps `exec` light
+    from stockade.runner.front import nginx  # noqa: PLC0415 - keeps `exec` light
 
     config = _runner_config(args.config)
     sys.stdout.write(nginx.render(config, listen=args.listen, upstream=args.upstream))
@@ -253,12 +256,7 @@ def _input_file(spec: str) -> FileIn:
     name, sep, path = spec.partition("=")
     if not sep:
         name, path = Path(spec).name, spec
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    if len(raw) > MAX_INPUT_FILE:
-        raise UsageError(f"{path} is larger than {MAX_INPUT_FILE >> 20} MiB")
+    raw = _read_capped(path, MAX_INPUT_FILE)
     try:
         return FileIn(name=name, content=raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -277,12 +275,11 @@ def _run_stdin(path: str | None) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from stockade.runner import remote  # noqa: PLC0415 - keeps `exec` light
+    from stockade import remote  # noqa: PLC0415 - keeps `exec` light
 
-    limits = {dest: getattr(args, dest) for _, dest, *_ in LIMIT_FLAGS}
     request = RunRequest(code=_read_source(args.file), stdin=_run_stdin(args.stdin),
                          args=list(args.args), files=[_input_file(f) for f in args.files],
-                         limits=LimitsIn(**limits))
+                         limits=_requested_limits(args))
     try:
         result = remote.run(args.url, request)
         saved = remote.save_files(result.files, Path(args.out)) if args.out else []

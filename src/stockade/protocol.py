@@ -174,9 +174,13 @@ def check_file_name(name: str) -> None:
         raise ProtocolError(f"file name {CODE_FILE!r} is reserved for the program")
 
 
-def check_payload(payload: Payload) -> None:
-    if len(payload.args) > MAX_ARGS or any(len(a) > MAX_ARG_LENGTH for a in payload.args):
+def check_args(args: list[str]) -> None:
+    if len(args) > MAX_ARGS or any(len(a) > MAX_ARG_LENGTH for a in args):
         raise ProtocolError(f"at most {MAX_ARGS} args of {MAX_ARG_LENGTH} characters each")
+
+
+def check_payload(payload: Payload) -> None:
+    check_args(payload.args)
     if len(payload.files) > MAX_FILES:
         raise ProtocolError(f"at most {MAX_FILES} files")
     check_file_names([f.name for f in payload.files])

@@ -23,6 +23,15 @@ class Status(enum.StrEnum):
     INTERNAL_ERROR = "internal_error"
 
 
+class KillReason(enum.StrEnum):
+    """Why the zygote killed a run before it ended by itself."""
+
+    CPU_TIME = "cpu_time"
+    WALL_TIME = "wall_time"
+    OUTPUT = "output"
+    CANCELLED = "cancelled"
+
+
 class OutFile(msgspec.Struct, frozen=True, kw_only=True):
     """A file the program left under out/: UTF-8 text as is, anything else in base64."""
 
@@ -56,7 +65,7 @@ class Outcome(msgspec.Struct, kw_only=True):
     wall_time_s: float = 0.0
     memory_peak_kib: int = 0
     oom_killed: bool = False
-    killed_for: str | None = None  # "cpu_time" | "wall_time" | "output" | "cancelled"
+    killed_for: KillReason | None = None
     error: str | None = None  # stockade's own failure, never the program's
 
 
@@ -74,16 +83,16 @@ def judge(outcome: Outcome, limits: Limits, output_over: bool) -> tuple[Status, 
         return Status.INTERNAL_ERROR, outcome.error
     if outcome.oom_killed:
         return Status.MEMORY_LIMIT, f"memory limit of {limits.memory_mib} MiB exceeded"
-    if (outcome.killed_for == "cpu_time" or sig == signal.SIGXCPU
+    if (outcome.killed_for == KillReason.CPU_TIME or sig == signal.SIGXCPU
             or outcome.cpu_time_s > limits.cpu_time_s):
         return Status.TIME_LIMIT, f"CPU time limit of {limits.cpu_time_s:g} s exceeded"
-    if outcome.killed_for == "wall_time":
+    if outcome.killed_for == KillReason.WALL_TIME:
         return Status.WALL_TIME_LIMIT, f"wall time limit of {limits.wall_time_s:g} s exceeded"
-    if output_over or outcome.killed_for == "output":
+    if output_over or outcome.killed_for == KillReason.OUTPUT:
         return Status.OUTPUT_LIMIT, f"output limit of {limits.output_kib} KiB per stream exceeded"
     if sig == signal.SIGXFSZ:
         return Status.FILE_SIZE_LIMIT, f"file size limit of {limits.file_size_kib} KiB exceeded"
-    if outcome.killed_for == "cancelled":
+    if outcome.killed_for == KillReason.CANCELLED:
         return Status.SIGNALED, "run cancelled by the caller"
     if sig is not None:
         return Status.SIGNALED, f"killed by {signal_name(sig)}"

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
+import logging
 import time
-import traceback
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -18,22 +17,21 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from stockade import protocol
 from stockade.limits import Limits
 from stockade.result import Result, Status
-from stockade.runner import openapi, schema
+from stockade.runner.channel import ChannelError, PoolStats
 from stockade.runner.config import RunnerConfig, kind_for
-from stockade.runner.control import ChannelError, Lease, PoolClient, PoolStats
-from stockade.runner.metrics import Metrics
-from stockade.runner.schema import ApiError
+from stockade.runner.front import openapi, piston, schema
+from stockade.runner.front.metrics import Metrics
+from stockade.runner.front.pool_client import Lease, PoolClient
+from stockade.runner.front.schema import ApiError
 from stockade.sandbox import client
 
 RETRY_AFTER_S = 1
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def log(message: str) -> None:
-    print(f"stockade-front: {message}", file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
 def _run_on(lease: Lease, job: client.Job, limits: Limits,
@@ -132,11 +130,11 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             f"the body is over the {request.app['config'].max_body_kib} KiB cap")
         error = ApiError(exc.status, HTTP_ERROR_CODES.get(exc.status, "http_error"), message)
     except Exception:
-        log(f"internal error on {request.method} {request.path}:\n{traceback.format_exc()}")
+        log.exception(f"internal error on {request.method} {request.path}")
         error = ApiError(500, "internal_error", "stockade failed; the runner's log says why")
     headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status == 503 else None
     if request.path.startswith("/api/v2/"):
-        return _json(schema.PistonError(error.message), error.status, headers)
+        return _json(piston.PistonError(error.message), error.status, headers)
     detail = schema.ErrorDetail(error.code, error.message, error.field)
     return _json(schema.ErrorBody(detail), error.status, headers)
 
@@ -166,27 +164,14 @@ class Api:
         ])
         return app
 
-    def _job(self, code: str, stdin: str, args: list[str],
-             files: list[tuple[int, str, str, str]],
-             wanted: dict[str, Any]) -> tuple[client.Job, Limits]:
-        """What both run routes check and build: files (index, name, content, encoding)
-        decoded and checked, limits resolved against the policy."""
-        decoded = [protocol.InputFile(name, schema.file_content(content, encoding,
-                                                                f"files[{i}].content"))
-                   for i, name, content, encoding in files]
-        schema.check_files(decoded, args, self.config.max_files,
-                           self.config.max_file_kib * 1024)
-        limits = schema.resolve_limits(self.config.limits, wanted)
-        return client.Job(code=code, stdin=stdin.encode("utf-8", "surrogatepass"), args=args,
-                          files=decoded), limits
+    async def _execute(self, request: schema.RunRequest) -> Result:
+        """Every run route's one path: the typed request becomes a job, then a result."""
+        job, limits = schema.to_job(request, self.config)
+        return await self.runs.execute(job, limits)
 
     async def post_run(self, request: web.Request) -> web.Response:
         body = schema.decode(await request.read(), schema.RunRequest)  # language included
-        job, limits = self._job(
-            body.code, body.stdin, body.args,
-            [(i, f.name, f.content, f.encoding) for i, f in enumerate(body.files)],
-            msgspec.structs.asdict(body.limits) if body.limits else {})
-        return _json(await self.runs.execute(job, limits))
+        return _json(await self._execute(body))
 
     def _language(self) -> schema.Language:
         return schema.Language(name=schema.LANGUAGE, version=self.python_version,
@@ -238,31 +223,10 @@ class Api:
     # -- Piston v2 ---------------------------------------------------------------------------
 
     async def piston_runtimes(self, _request: web.Request) -> web.Response:
-        return _json([schema.PistonRuntime(schema.LANGUAGE, self.python_version,
+        return _json([piston.PistonRuntime(schema.LANGUAGE, self.python_version,
                                            schema.ALIASES)])
 
     async def piston_execute(self, request: web.Request) -> web.Response:
-        body = schema.decode(await request.read(), schema.PistonRequest)
-        if body.version not in ("*", self.python_version) and not (
-                self.python_version.startswith(body.version + ".")):
-            raise ApiError(400, "unknown_language",
-                           f"{body.language}-{body.version} runtime is unknown", "version")
-        schema.check_language(body.language)
-        if not body.files:
-            raise ApiError(400, "invalid_request", "files must hold at least the program",
-                           "files")
-        main, *rest = body.files
-        program = schema.file_content(main.content, main.encoding, "files[0].content")
-        try:
-            code = program.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ApiError(400, "invalid_utf8", "the program is not valid UTF-8",
-                           "files[0].content") from None
-        job, limits = self._job(
-            code, body.stdin, body.args,
-            [(i, f.name or f"file{i}", f.content, f.encoding)
-             for i, f in enumerate(rest, start=1)],
-            schema.piston_limits(body))
-        result = await self.runs.execute(job, limits)
-        return _json(schema.PistonResponse(schema.LANGUAGE, self.python_version,
-                                           schema.piston_run(result)))
+        body = schema.decode(await request.read(), piston.PistonRequest)
+        result = await self._execute(piston.to_run_request(body, self.python_version))
+        return _json(piston.to_response(result, self.python_version))

@@ -9,10 +9,10 @@ from typing import Any
 import msgspec
 
 from stockade import __version__
-from stockade.limits import FLOOR, LimitPolicy
+from stockade.limits import BY_NAME, LimitPolicy
 from stockade.result import Result
-from stockade.runner import schema
 from stockade.runner.config import RunnerConfig
+from stockade.runner.front import piston, schema
 
 REF = "#/components/schemas/{name}"
 
@@ -46,7 +46,7 @@ def _get(summary: str, body: dict[str, Any], *error_codes: int) -> dict[str, Any
 def _document(limits: bytes) -> dict[str, Any]:
     _, components = msgspec.json.schema_components(
         [schema.RunRequest, Result, schema.ErrorBody, schema.Languages,
-         schema.PistonRequest, schema.PistonResponse, schema.PistonRuntime, schema.PistonError],
+         piston.PistonRequest, piston.PistonResponse, piston.PistonRuntime, piston.PistonError],
         ref_template=REF)
     text = {"description": "Prometheus text format",
             "content": {"text/plain": {"schema": {"type": "string"}}}}
@@ -87,7 +87,7 @@ def _with_limit_ranges(components: dict[str, Any], limits: bytes) -> dict[str, A
     for name, spec in components["LimitsIn"]["properties"].items():
         for variant in spec.get("anyOf", [spec]):
             if variant.get("type") in ("integer", "number"):
-                variant["minimum"] = getattr(FLOOR, name)
+                variant["minimum"] = BY_NAME[name].floor
                 variant["maximum"] = getattr(policy.maximum, name)
     return components
 

@@ -1,8 +1,8 @@
-"""The HTTP API's typed schema: native requests, Piston v2 requests and their answers.
+"""The HTTP API's typed schema, and the one step from a decoded request to a job.
 
 Decoding is the validation: unknown fields, wrong types and invalid UTF-8 never reach the
 pool. Every error becomes an `ApiError` with a code, a message a user can act on, and the
-offending field.
+offending field. (Piston's shapes are in `piston.py`.)
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Any, Literal
 import msgspec
 
 from stockade import protocol
-from stockade.limits import LimitError, LimitPolicy, Limits
-from stockade.result import Result, Status
+from stockade.limits import LimitError, LimitPolicy, Limits, LimitsIn
+from stockade.runner.config import RunnerConfig
+from stockade.sandbox.client import Job
 
 LANGUAGE = "python"
 ALIASES = ["py", "python3"]
@@ -48,15 +49,6 @@ class FileIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     encoding: Literal["utf8", "base64"] = "utf8"
 
 
-class LimitsIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    cpu_time_s: float | None = None
-    wall_time_s: float | None = None
-    memory_mib: int | None = None
-    processes: int | None = None
-    output_kib: int | None = None
-    file_size_kib: int | None = None
-
-
 class RunRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     code: str
     language: LanguageName = "python"
@@ -79,57 +71,6 @@ class Languages(msgspec.Struct, frozen=True):
 
 
 # -- Piston v2 ---------------------------------------------------------------------------
-
-class PistonFile(msgspec.Struct, frozen=True):
-    content: str
-    name: str | None = None
-    encoding: Literal["utf8", "base64", "hex"] = "utf8"
-
-
-class PistonRequest(msgspec.Struct, frozen=True):
-    """Piston's own fields; like Piston, fields it does not know are ignored."""
-
-    language: str
-    files: list[PistonFile]
-    version: str = "*"
-    stdin: str = ""
-    args: list[str] = []
-    run_timeout: int | None = None  # ms; -1 means the default
-    run_cpu_time: int | None = None  # ms
-    run_memory_limit: int | None = None  # bytes
-    compile_timeout: int | None = None
-    compile_cpu_time: int | None = None
-    compile_memory_limit: int | None = None
-
-
-class PistonRun(msgspec.Struct, frozen=True):
-    stdout: str
-    stderr: str
-    output: str
-    code: int | None
-    signal: str | None
-    message: str | None
-    status: str | None  # RE, SG, TO, OL, EL, XX; null when ok
-    cpu_time: int  # ms
-    wall_time: int  # ms
-    memory: int  # bytes
-
-
-class PistonResponse(msgspec.Struct, frozen=True):
-    language: str
-    version: str
-    run: PistonRun
-
-
-class PistonRuntime(msgspec.Struct, frozen=True):
-    language: str
-    version: str
-    aliases: list[str]
-
-
-class PistonError(msgspec.Struct, frozen=True):
-    message: str
-
 
 # -- decoding ----------------------------------------------------------------------------
 
@@ -175,11 +116,11 @@ def file_content(content: str, encoding: str, field: str) -> bytes:
         raise ApiError(422, "invalid_file", f"content is not valid {encoding}", field) from None
 
 
-def check_files(files: list[protocol.InputFile], args: list[str], max_files: int,
-                max_file_bytes: int) -> None:
+def _files(files: list[FileIn], max_files: int, max_file_bytes: int) -> list[protocol.InputFile]:
+    """Decode and check the input files: safe, unique names, each under the cap."""
     if len(files) > max_files:
         raise ApiError(422, "too_many_files", f"at most {max_files} files", "files")
-    seen = set()
+    decoded, seen = [], set()
     for index, item in enumerate(files):
         field = f"files[{index}].name"
         try:
@@ -189,52 +130,25 @@ def check_files(files: list[protocol.InputFile], args: list[str], max_files: int
         if item.name in seen:
             raise ApiError(422, "invalid_file_name", f"duplicate file name {item.name!r}", field)
         seen.add(item.name)
-        if len(item.content) > max_file_bytes:
+        content = file_content(item.content, item.encoding, f"files[{index}].content")
+        if len(content) > max_file_bytes:
             raise ApiError(422, "file_too_large", f"{item.name!r} is over the "
                            f"{max_file_bytes // 1024} KiB cap", f"files[{index}].content")
+        decoded.append(protocol.InputFile(item.name, content))
+    return decoded
+
+
+def to_job(request: RunRequest, config: RunnerConfig) -> tuple[Job, Limits]:
+    """The one step from a decoded request to what a zygote runs: files decoded and
+    checked, args checked, limits resolved against the policy."""
+    files = _files(request.files, config.max_files, config.max_file_kib * 1024)
     try:
-        protocol.check_payload(protocol.Payload(code="", args=args))
+        protocol.check_args(request.args)
     except protocol.ProtocolError as exc:
         raise ApiError(422, "invalid_args", str(exc), "args") from None
-
-
-def resolve_limits(policy: LimitPolicy, requested: dict[str, Any]) -> Limits:
     try:
-        return policy.resolve(requested)
+        limits = config.limits.resolve(request.limits)
     except LimitError as exc:
         raise ApiError(422, "limit_out_of_range", exc.message, f"limits.{exc.field}") from None
-
-
-def piston_limits(request: PistonRequest) -> dict[str, Any]:
-    """Piston's units (ms, bytes; -1 or absent means default) into stockade's."""
-    wanted: dict[str, Any] = {}
-    for field, name, scale in (("run_timeout", "wall_time_s", 1000),
-                               ("run_cpu_time", "cpu_time_s", 1000),
-                               ("run_memory_limit", "memory_mib", 1 << 20)):
-        value = getattr(request, field)
-        if value is None or value == -1:
-            continue
-        if value < 0:
-            raise ApiError(400, "limit_out_of_range", f"{field} must be -1 or positive", field)
-        wanted[name] = value / scale if scale == 1000 else max(1, value // scale)
-    return wanted
-
-
-PISTON_STATUS = {
-    Status.RUNTIME_ERROR: "RE", Status.SIGNALED: "SG", Status.TIME_LIMIT: "TO",
-    Status.WALL_TIME_LIMIT: "TO", Status.MEMORY_LIMIT: "SG", Status.FILE_SIZE_LIMIT: "SG",
-    Status.INTERNAL_ERROR: "XX",
-}
-
-
-def piston_run(result: Result) -> PistonRun:
-    if result.status == Status.OUTPUT_LIMIT:
-        status: str | None = "EL" if result.stderr_truncated else "OL"
-    else:
-        status = PISTON_STATUS.get(Status(result.status))
-    return PistonRun(
-        stdout=result.stdout, stderr=result.stderr, output=result.stdout + result.stderr,
-        code=result.exit_code, signal=result.signal,
-        message=result.message or None, status=status,
-        cpu_time=round(result.cpu_time_s * 1000), wall_time=round(result.wall_time_s * 1000),
-        memory=result.memory_peak_kib * 1024)
+    return Job(code=request.code, stdin=request.stdin.encode("utf-8", "surrogatepass"),
+               args=request.args, files=files), limits
