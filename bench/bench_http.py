@@ -14,14 +14,11 @@ import http.client
 import json
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from support.service import NginxProcess, RunnerProcess, runner_config, serving
+from stockade.runner.local import NginxProcess, RunnerProcess, runner_config, serving
 
 BARE = ["/usr/bin/python3", "-S", "-c", "pass"]
 HELLO = json.dumps({"code": "print('hello')"}).encode()

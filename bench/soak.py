@@ -7,15 +7,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from support.service import NginxProcess, RunnerProcess, runner_config, serving
+from stockade.runner.local import NginxProcess, RunnerProcess, runner_config, serving
 
 CLIENTS = 6
 WARMUP_S = 15.0

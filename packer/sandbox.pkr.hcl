@@ -2,7 +2,7 @@
 # sandbox package, provisioned by ansible/sandbox.yml. `make sandbox-image` runs it with
 # the stage `stockade images stage` wrote, then `stockade images import-rootfs` shifts the
 # exported rootfs into the containers' uid range and `stockade images export` archives it.
-# Changed this recipe? Bump IMAGE_FORMAT in src/stockade/runner/images.py: the
+# Changed this recipe? Bump IMAGE_FORMAT in src/stockade/runner/manager/images.py: the
 # image's name (its digest) must change with it, or no host gets the new one.
 
 variable "stage" {

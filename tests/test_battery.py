@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from battery import BATTERY, Context, Probe
-from conftest import Sandbox
+from support.battery import BATTERY, Context, Probe
+from support.sandbox import Sandbox
 
 
 @pytest.mark.parametrize("probe", BATTERY, ids=[p.name for p in BATTERY])

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from stockade import remote
 from stockade.result import OutFile
-from stockade.runner import remote
-from support.service import RunnerProcess
+from stockade.runner.local import RunnerProcess
 
 STOCKADE = [sys.executable, "-m", "stockade"]
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from conftest import make_config
 from stockade.limits import Limits
 from stockade.sandbox import confine, libc, seccomp, zygote
 from stockade.sandbox.config import RUN_ENVIRONMENT
+from support.sandbox import make_config
 
 REPORT_FD: list[int] = []  # the child's report pipe, for bodies that close descriptors
 

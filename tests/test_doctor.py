@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from stockade import doctor
-from stockade.runner.apparmor import PROFILE
 from stockade.runner.config import RunnerConfig
+from stockade.runner.manager.apparmor import PROFILE
 
 BIN = Path(sys.executable).parent
 V1 = ("30 1 0:26 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import runner_leftovers
-from stockade.runner import images
 from stockade.runner.config import RunnerConfig
-from support.service import RunnerProcess, runner_config
+from stockade.runner.local import RunnerProcess, runner_config
+from stockade.runner.manager import images
+from support.leftovers import runner_leftovers
 
 STOCKADE = [sys.executable, "-m", "stockade"]
 

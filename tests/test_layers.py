@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import pytest
 
-from battery import BY_NAME, Context
-from conftest import Sandbox
-from test_leftovers import leftovers_seen
+from support.battery import BY_NAME, Context
+from support.leftovers import leftovers_seen
+from support.sandbox import Sandbox
 
 # layer -> the probes that must notice it missing
 NOTICED_BY = {

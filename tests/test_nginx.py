@@ -14,7 +14,7 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from support.service import NginxProcess
+from stockade.runner.local import NginxProcess
 
 
 def dribble(port: int, opening: bytes, then: bytes) -> float:

@@ -15,7 +15,7 @@ import schemathesis
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
-from support.service import RunnerProcess
+from stockade.runner.local import RunnerProcess
 
 SETTINGS = hypothesis.settings(max_examples=25, deadline=None, derandomize=True,
                                database=None, suppress_health_check=list(hypothesis.HealthCheck))

@@ -7,8 +7,8 @@ import base64
 import subprocess
 from collections.abc import Callable
 
-from conftest import Sandbox
-from support.service import RunnerProcess
+from stockade.runner.local import RunnerProcess
+from support.sandbox import Sandbox
 
 
 def names(result: object) -> dict[str, str]:

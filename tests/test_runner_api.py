@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from support.service import Client, NginxProcess, RunnerProcess
+from stockade.runner.local import Client, NginxProcess, RunnerProcess
 
 
 @pytest.fixture(params=["direct", "nginx"])

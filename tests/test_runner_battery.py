@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from battery import BATTERY, Context, Probe
-from support.service import RunnerProcess
+from stockade.runner.local import RunnerProcess
+from support.battery import BATTERY, Context, Probe
 
 
 @pytest.mark.parametrize("probe", BATTERY, ids=[p.name for p in BATTERY])

@@ -11,16 +11,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import runner_leftovers
-from support import service
-from support.service import RunnerProcess
+from stockade.runner import local
+from stockade.runner.local import RunnerProcess
+from support.leftovers import runner_leftovers
 
 PORT = 18090
 
 
 @pytest.fixture
 def small_runner() -> Iterator[RunnerProcess]:
-    config = service.runner_config(PORT, "stockade-l-", pool_size=1, lean_pool_size=0,
+    config = local.runner_config(PORT, "stockade-l-", pool_size=1, lean_pool_size=0,
                                    queue_limit=1,
                                    queue_timeout_s=1.0)
     process = RunnerProcess(config)

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import msgspec
 
 from stockade.result import Result
-from support.service import NginxProcess, RunnerProcess
+from stockade.runner.local import NginxProcess, RunnerProcess
 
 
 def metric(runner: RunnerProcess, name: str) -> float:

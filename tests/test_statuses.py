@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import Sandbox
 from stockade.protocol import InputFile
+from support.sandbox import Sandbox
 
 
 def test_ok_with_measurements(sandbox: Sandbox) -> None:

@@ -13,7 +13,13 @@ STEP = Path(__file__).resolve().parents[1] / "tools/step"
 def step(log: Path, *command: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(STEP), "doing the thing", "~2 s", str(log), "make debug", "--",
                            *command], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **env}, check=False)
+                          env={**clean_environment(), **env}, check=False)
+
+
+def clean_environment() -> dict[str, str]:
+    """The step's own settings come from each test, never from the make that runs pytest."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("STEP_VERBOSE", "HEARTBEAT_S", "STEP_TAIL")}
 
 
 def test_a_step_that_works_says_what_where_and_how_long(tmp_path: Path) -> None:

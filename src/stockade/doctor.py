@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from stockade.runner import apparmor
 from stockade.runner.config import RunnerConfig
+from stockade.runner.manager import apparmor
 from stockade.sandbox.cgroups import MOUNTINFO, parse_mountinfo
 
 PACKER_MIN = (1, 6, 6)

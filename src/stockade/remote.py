@@ -14,7 +14,7 @@ from pathlib import Path
 import msgspec
 
 from stockade.result import OutFile, Result
-from stockade.runner.schema import ErrorBody, RunRequest
+from stockade.runner.front.schema import ErrorBody, RunRequest
 
 TIMEOUT_S = 700.0  # past the largest wall-time cap an operator may configure
 MAX_ANSWER = 256 << 20

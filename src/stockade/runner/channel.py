@@ -1,5 +1,5 @@
-"""The channel between the privileged pool manager and the unprivileged HTTP front, and the
-front's side of the pool.
+"""The channel between the privileged pool manager and the unprivileged HTTP front: its
+messages and their framing, nothing else.
 
 The manager hands each container it starts to the front (`Ready`); the front leases them to
 runs itself, with no round trip, and hands back only the ones a run left dirty
@@ -11,11 +11,6 @@ If the front goes away, the manager destroys everything it had handed over.
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
-import itertools
-import socket
-from dataclasses import dataclass, field
 
 import msgspec
 
@@ -75,112 +70,14 @@ async def _read(reader: asyncio.StreamReader, decoder: msgspec.json.Decoder[obje
 
 
 async def read_front(reader: asyncio.StreamReader) -> FrontMessage:
+    """What the manager reads: a message from the front."""
     return await _read(reader, _front_decoder)  # type: ignore[return-value]
+
+
+async def read_manager(reader: asyncio.StreamReader) -> ManagerMessage:
+    """What the front reads: a message from the manager."""
+    return await _read(reader, _manager_decoder)  # type: ignore[return-value]
 
 
 def write(writer: asyncio.StreamWriter, message: msgspec.Struct) -> None:
     writer.write(msgspec.json.encode(message) + b"\n")
-
-
-@dataclass(eq=False)
-class Lease:
-    """A container the front holds, with the connection to its zygote once one is made."""
-
-    name: str
-    kind: str
-    socket_path: str
-    connection: socket.socket | None = field(default=None, repr=False)
-
-    def close(self) -> None:
-        if self.connection is not None:
-            self.connection.close()
-            self.connection = None
-
-
-class PoolClient:
-    """The front's side: idle containers by kind, leased locally; dirty ones go back."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 kinds: list[str]) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.kinds = kinds
-        self.idle: dict[str, collections.deque[Lease]] = {k: collections.deque() for k in kinds}
-        self.waiters: dict[str, collections.deque[asyncio.Future[Lease]]] = {
-            k: collections.deque() for k in kinds}
-        self.leased = 0
-        self.ids = itertools.count(1)
-        self.asked: dict[int, asyncio.Future[PoolStats]] = {}
-        self.closed = asyncio.get_running_loop().create_future()
-        self.task = asyncio.create_task(self._dispatch())
-
-    async def _dispatch(self) -> None:
-        try:
-            while True:
-                message = await _read(self.reader, _manager_decoder)
-                if isinstance(message, Ready):
-                    self._give(Lease(message.name, message.kind, message.socket))
-                elif isinstance(message, PoolStats):
-                    future = self.asked.pop(message.id, None)
-                    if future is not None and not future.done():
-                        future.set_result(message)
-        except ChannelError as exc:
-            for future in self.asked.values():
-                if not future.done():
-                    future.set_exception(exc)
-            if not self.closed.done():
-                self.closed.set_result(str(exc))
-
-    def _give(self, lease: Lease) -> None:
-        kind = lease.kind if lease.kind in self.idle else self.kinds[0]
-        waiters = self.waiters[kind]
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                self.leased += 1
-                waiter.set_result(lease)
-                return
-        self.idle[kind].append(lease)
-
-    async def acquire(self, kind: str) -> Lease:
-        """An idle container of `kind` (the first kind if it has none configured)."""
-        if self.closed.done():
-            raise ChannelError(f"the pool manager is gone: {self.closed.result()}")
-        kind = kind if kind in self.idle else self.kinds[0]
-        if self.idle[kind]:
-            self.leased += 1
-            return self.idle[kind].popleft()
-        waiter: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
-        self.waiters[kind].append(waiter)
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():  # given, then given up on
-                self.leased -= 1
-                self._give(waiter.result())
-            raise
-
-    def release(self, lease: Lease, dirty: bool) -> None:
-        self.leased -= 1
-        if not dirty:
-            self._give(lease)
-            return
-        lease.close()
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            write(self.writer, Recycle(lease.name))
-
-    @property
-    def idle_count(self) -> int:
-        return sum(len(idle) for idle in self.idle.values())
-
-    async def stats(self) -> PoolStats:
-        if self.closed.done():
-            raise ChannelError(f"the pool manager is gone: {self.closed.result()}")
-        request = StatsRequest(next(self.ids))
-        future: asyncio.Future[PoolStats] = asyncio.get_running_loop().create_future()
-        self.asked[request.id] = future
-        write(self.writer, request)
-        try:
-            return await future
-        finally:
-            self.asked.pop(request.id, None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import logging
 import os
 import pwd
 import signal
@@ -26,19 +27,19 @@ from pathlib import Path
 
 from aiohttp import web
 
-from stockade.runner import images
-from stockade.runner.api import Api, Runs
 from stockade.runner.config import RunnerConfig, kinds
-from stockade.runner.containers import (
-    ContainerError,
-    Containers,
-    ensure_subid_ranges,
-    remove_lxc_cgroups,
-)
-from stockade.runner.control import PoolClient
-from stockade.runner.metrics import Metrics
-from stockade.runner.pool import Manager, log
-from stockade.sandbox import libc
+from stockade.runner.front.api import Api, Runs
+from stockade.runner.front.metrics import Metrics
+from stockade.runner.front.pool_client import PoolClient
+from stockade.runner.manager import images
+from stockade.runner.manager.containers import ContainerError, Containers, ensure_subid_ranges
+from stockade.runner.manager.lxc_cgroups import remove_lxc_cgroups
+from stockade.runner.manager.pool import Manager
+from stockade.sandbox import confine, libc
+
+log = logging.getLogger(__name__)
+# One line per event on stderr (journald keeps it under the unit): who said it, and what.
+LOG_FORMAT = "%(name)s: %(message)s"
 
 
 class ServiceError(RuntimeError):
@@ -65,7 +66,7 @@ def ensure_image(config: RunnerConfig) -> None:
             f"sandbox image {images.image_name(config)} is neither in {config.lxc_path} nor "
             f"at {archive}: build it from this checkout with `make sandbox-image`, or put "
             "the archive `stockade images export` writes there")
-    log(f"importing sandbox image from {archive}")
+    log.info(f"importing sandbox image from {archive}")
     images.import_archive(config, archive)
 
 
@@ -87,7 +88,7 @@ def prepare_host(config: RunnerConfig) -> tuple[Containers, pwd.struct_passwd]:
     containers.prepare_directories()
     left = containers.reconcile()
     if left:
-        log(f"removed {len(left)} containers a previous runner left: {', '.join(left)}")
+        log.info(f"removed {len(left)} containers a previous runner left: {', '.join(left)}")
     images.prune(config)  # old images that only the removed containers were cloned from
     return containers, user
 
@@ -102,15 +103,19 @@ def listen(config: RunnerConfig) -> socket.socket:
 
 
 def drop_privileges(user: pwd.struct_passwd) -> None:
-    os.setgroups([])
-    os.setresgid(user.pw_gid, user.pw_gid, user.pw_gid)
-    os.setresuid(user.pw_uid, user.pw_uid, user.pw_uid)
-    if os.geteuid() == 0 or os.getegid() == 0:
-        raise ServiceError("could not drop root")
+    """The front's drop, with the sandbox's own steps: the runner user and group and no
+    others, no capability in any set (the bounding set included), no_new_privs."""
+    try:
+        confine.drop_identity(user.pw_uid, user.pw_gid)
+        confine.drop_capabilities()
+        confine.set_no_new_privs()
+    except OSError as exc:
+        raise ServiceError(f"could not drop root for the front: {exc}") from None
     os.chdir("/")
 
 
 def serve(config: RunnerConfig) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=LOG_FORMAT)
     containers, user = prepare_host(config)
     listener = listen(config)
     python = (images.read_stamp(config) or images.Stamp("", 0, "unknown", [])).python
@@ -128,7 +133,7 @@ def serve(config: RunnerConfig) -> int:
                 raise ServiceError("the pool manager exited before the front started")
             code = asyncio.run(front_main(config, front_end, listener, python))
         except BaseException as exc:  # report, then leave without running cleanup
-            print(f"stockade-front: {exc!r}", file=sys.stderr, flush=True)
+            log.error(f"the front failed: {exc!r}")
         finally:
             os._exit(code)
     front_end.close()
@@ -154,7 +159,7 @@ async def manager_main(config: RunnerConfig, containers: Containers, channel: so
     loop = asyncio.get_running_loop()
 
     def stop(signum: int) -> None:
-        log(f"{signal.Signals(signum).name}: draining")
+        log.info(f"{signal.Signals(signum).name}: draining")
         with contextlib.suppress(ProcessLookupError):
             os.kill(front_pid, signal.SIGTERM)
 
@@ -164,7 +169,7 @@ async def manager_main(config: RunnerConfig, containers: Containers, channel: so
 
     def fill_ended(task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            log(f"the pool cannot fill, stopping: {task.exception()!r}")
+            log.warning(f"the pool cannot fill, stopping: {task.exception()!r}")
             stop(signal.SIGTERM)
 
     filling.add_done_callback(fill_ended)
@@ -177,7 +182,7 @@ async def manager_main(config: RunnerConfig, containers: Containers, channel: so
         await pool.close()
         writer.close()
     code = await _front_exit_code(front_pid, config.drain_timeout_s + 10.0)
-    log(f"stopped (front exit status {code})")
+    log.info(f"stopped (front exit status {code})")
     return 0 if code == 0 else 1
 
 
@@ -189,7 +194,7 @@ async def _front_exit_code(pid: int, timeout_s: float) -> int:
         if reaped:
             return os.waitstatus_to_exitcode(status)
         if time.monotonic() > deadline:
-            log("the front did not exit; killing it")
+            log.warning("the front did not exit; killing it")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             deadline = float("inf")

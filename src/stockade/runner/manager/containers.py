@@ -12,20 +12,23 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import lxc  # type: ignore[import-untyped]
 import msgspec
 
 from stockade.limits import LimitPolicy
-from stockade.runner import apparmor, images
 from stockade.runner.config import RunnerConfig
-from stockade.sandbox.cgroups import MOUNTINFO, parse_mountinfo
+from stockade.runner.manager import apparmor, images, layout
+from stockade.runner.manager.lxc_cgroups import (
+    cgroup_dirs,
+    cgroup_version,
+    reap_zombies,
+    remove_lxc_cgroups,
+    return_home,
+)
 from stockade.sandbox.config import DEFAULT_PRELOAD, SandboxConfig
 
-SOCKET_NAME = "zygote.sock"
-ZYGOTE_CONFIG_NAME = os.path.basename(images.ZYGOTE_CONFIG)
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0  # for a SIGKILLed container to stop
 CGROUP_TIMEOUT_S = 5.0  # for LXC's monitor process to leave its cgroup
@@ -33,11 +36,6 @@ CGROUP_TIMEOUT_S = 5.0  # for LXC's monitor process to leave its cgroup
 
 class ContainerError(RuntimeError):
     """A container could not be made, started or removed."""
-
-
-def cgroup_version() -> int:
-    _, v1 = parse_mountinfo(Path(MOUNTINFO).read_text())
-    return 1 if "memory" in v1 else 2
 
 
 def ensure_subid_ranges(config: RunnerConfig) -> None:
@@ -51,8 +49,8 @@ def ensure_subid_ranges(config: RunnerConfig) -> None:
 
 def zygote_config(config: RunnerConfig, preload: list[str]) -> SandboxConfig:
     return SandboxConfig(
-        socket_path=f"{images.CONTAINER_DIR}/{SOCKET_NAME}",
-        state_dir="/var/lib/stockade-zygote",
+        socket_path=layout.ZYGOTE_SOCKET,
+        state_dir=layout.ZYGOTE_STATE_DIR,
         preload=[*DEFAULT_PRELOAD, *preload],
         limits=LimitPolicy(default=config.limits.default, maximum=config.limits.maximum),
         socket_mode=0o666,
@@ -96,7 +94,7 @@ class Containers:
         self.home = cgroup_dirs()
 
     def socket_path(self, name: str) -> Path:
-        return self.socket_root / name / SOCKET_NAME
+        return layout.host_socket(self.config, name)
 
     def _limits(self) -> list[tuple[str, str]]:
         memory = self.config.container_memory_mib << 20
@@ -128,10 +126,10 @@ class Containers:
         """The container's only window to the host: its zygote's config and socket. Owned
         by the container's root; only the runner's group may enter besides."""
         self.prepare_directories()
-        directory = self.socket_root / name
+        directory = layout.host_dir(self.config, name)
         images.remove_tree(directory)
         directory.mkdir(mode=0o710)
-        (directory / ZYGOTE_CONFIG_NAME).write_bytes(
+        (directory / layout.ZYGOTE_CONFIG_NAME).write_bytes(
             msgspec.json.encode(zygote_config(self.config, preload)))
         os.chown(directory, self.config.idmap_base, self.runner_gid)
         return directory
@@ -149,10 +147,10 @@ class Containers:
                                    flags=lxc.LXC_CLONE_SNAPSHOT, bdevtype="overlayfs")
             if not container:
                 raise ContainerError(f"cannot clone {image} into {name}")
-            mount_point = images.CONTAINER_DIR.lstrip("/")
+            mount_point = layout.CONTAINER_DIR.lstrip("/")
             items = [("lxc.mount.entry", f"{directory} {mount_point} none bind,create=dir 0 0"),
-                     ("lxc.uts.name", "sandbox"),
-                     ("lxc.console.logfile", f"{self.lxc_path}/{name}/console.log"),
+                     ("lxc.uts.name", layout.HOSTNAME),
+                     ("lxc.console.logfile", str(layout.console_log(self.config, name))),
                      *self._limits()]
             if self.apparmor_profile:
                 items.append(("lxc.apparmor.profile", self.apparmor_profile))
@@ -170,7 +168,7 @@ class Containers:
 
     def _console_tail(self, name: str) -> str:
         try:
-            with open(f"{self.lxc_path}/{name}/console.log", "rb") as log:
+            with layout.console_log(self.config, name).open("rb") as log:
                 log.seek(0, os.SEEK_END)
                 log.seek(max(0, log.tell() - 1500))
                 return log.read().decode(errors="replace").strip() or "(no console output)"
@@ -212,7 +210,7 @@ class Containers:
         if container.defined and not container.destroy():
             raise ContainerError(f"cannot destroy container {name}")
         images.remove_tree(Path(self.lxc_path) / name)
-        images.remove_tree(self.socket_root / name)
+        images.remove_tree(layout.host_dir(self.config, name))
         busy = remove_lxc_cgroups(name, timeout_s=CGROUP_TIMEOUT_S,
                                   between=lambda: reap_zombies(self.keep_children))
         if busy:
@@ -233,102 +231,3 @@ class Containers:
                     images.remove_tree(entry)
         remove_lxc_cgroups(self.config.container_prefix, prefix=True)
         return left
-
-
-def reap_zombies(keep: set[int]) -> None:
-    """Reap exited LXC monitors: they stay our children, and a zombie keeps its
-    lxc.monitor cgroup busy until it is reaped."""
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            children = (task / "children").read_text().split()
-        except OSError:
-            continue
-        for pid in map(int, children):
-            if pid in keep:
-                continue
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-            except (OSError, IndexError):
-                continue
-            if state == "Z":
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, os.WNOHANG)
-
-
-def cgroup_dirs(pid: str = "self") -> list[Path]:
-    """The cgroup directories of process `pid`, one per hierarchy."""
-    unified, v1 = parse_mountinfo(Path(MOUNTINFO).read_text())
-    dirs: list[Path] = []
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if controllers == "" and unified is not None:
-            dirs.append(unified / path.lstrip("/"))
-            continue
-        for controller in controllers.split(","):
-            mount = v1.get(controller) or _v1_mount(controller)
-            if mount is not None:
-                dirs.append(mount / path.lstrip("/"))
-                break
-    return list(dict.fromkeys(dirs))
-
-
-def _lxc_cgroup_parents() -> list[Path]:
-    """Where LXC makes a container's cgroups: beside init's cgroup (its default) or the
-    caller's, in every hierarchy."""
-    return list(dict.fromkeys([*cgroup_dirs("1"), *cgroup_dirs()]))
-
-
-def return_home(home: list[Path]) -> None:
-    """Move this process back to its own cgroups. Starting a container through the LXC
-    bindings leaves the caller inside the new lxc.monitor.* cgroup, which then can never be
-    removed while we live."""
-    for directory in home:
-        with contextlib.suppress(OSError):
-            (directory / "cgroup.procs").write_text(str(os.getpid()))
-
-
-def _v1_mount(controller: str) -> Path | None:
-    candidate = Path("/sys/fs/cgroup") / controller.removeprefix("name=")
-    return candidate if candidate.is_dir() else None
-
-
-def remove_lxc_cgroups(name: str, prefix: bool = False, timeout_s: float = 0.0,
-                       between: Callable[[], None] | None = None) -> list[str]:
-    """Remove the lxc.monitor.NAME* and lxc.payload.NAME* cgroups, waiting up to `timeout_s`
-    for a monitor that is still exiting (`between` runs before each try); return the busy."""
-    deadline = time.monotonic() + timeout_s
-    parents = [p for p in _lxc_cgroup_parents() if p.is_dir()]
-    while True:
-        if between is not None:
-            between()
-        busy = _remove_lxc_cgroups_once(parents, name, prefix)
-        if not busy or time.monotonic() >= deadline:
-            return busy
-        time.sleep(0.02)
-
-
-def _remove_lxc_cgroups_once(parents: list[Path], name: str, prefix: bool) -> list[str]:
-    busy = []
-    for parent in parents:
-        for child in parent.iterdir():
-            for kind in ("lxc.monitor.", "lxc.payload."):
-                rest = child.name.removeprefix(kind)
-                if rest == child.name or not child.is_dir():
-                    continue
-                # LXC adds "-1", "-2"... when a cgroup of the same name is still there.
-                ours = rest.startswith(name) if prefix else (
-                    rest == name or rest.startswith(f"{name}-"))
-                if ours and not _remove_cgroup_tree(child):
-                    busy.append(str(child))
-    return busy
-
-
-def _remove_cgroup_tree(path: Path) -> bool:
-    for child in path.iterdir():
-        if child.is_dir():
-            _remove_cgroup_tree(child)
-    try:
-        path.rmdir()
-    except OSError:
-        return False
-    return True

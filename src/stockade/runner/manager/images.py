@@ -28,6 +28,7 @@ import msgspec
 
 import stockade
 from stockade.runner.config import RunnerConfig
+from stockade.runner.manager import layout
 
 # Part of the digest: bump it when the recipe changes (packer/sandbox.pkr.hcl,
 # ansible/sandbox.yml), which the runner cannot see. 2: no set-id bits; 3: built by Packer;
@@ -37,9 +38,6 @@ SUITE = "bookworm"
 PYTHON = "3.11"  # bookworm's: the wheels are downloaded for it
 STAMP = "stockade-image.json"
 SITE = "usr/local/lib/python{version}/dist-packages"  # Debian's sys.path, in read-only /usr
-# Inside a container: the host directory bind-mounted for its zygote's config and socket.
-CONTAINER_DIR = "/run/stockade"
-ZYGOTE_CONFIG = f"{CONTAINER_DIR}/zygote.json"
 
 
 class ImageError(RuntimeError):
@@ -278,7 +276,7 @@ def container_config(config: RunnerConfig, rootfs: Path) -> str:
         "lxc.include = /usr/share/lxc/config/userns.conf",
         "lxc.arch = linux64",
         f"lxc.rootfs.path = dir:{rootfs}",
-        "lxc.uts.name = sandbox",
+        f"lxc.uts.name = {layout.HOSTNAME}",
         f"lxc.idmap = u 0 {base} {size}",
         f"lxc.idmap = g 0 {base} {size}",
         # No network device at all: only the container's own loopback.
@@ -293,7 +291,8 @@ def container_config(config: RunnerConfig, rootfs: Path) -> str:
         # The zygote's stderr, capped: LXC keeps at most this much of the console.
         "lxc.console.size = 1MB",
         # The zygote is the container's init: no services, nothing else to attack.
-        f"lxc.init.cmd = /usr/bin/python3 -I -m stockade.sandbox.zygote --config {ZYGOTE_CONFIG}",
+        "lxc.init.cmd = /usr/bin/python3 -I -m stockade.sandbox.zygote "
+        f"--config {layout.ZYGOTE_CONFIG}",
         "lxc.init.uid = 0",
         "lxc.signal.halt = SIGTERM",
         "lxc.signal.stop = SIGKILL",

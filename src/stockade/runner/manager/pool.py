@@ -12,22 +12,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import sys
+import logging
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from stockade.runner import control
+from stockade.runner import channel
 from stockade.runner.config import Kind, RunnerConfig, kinds
-from stockade.runner.containers import ContainerError, Containers
+from stockade.runner.manager.containers import ContainerError, Containers
 
 RETRY_DELAY_S = 1.0  # after a failed create, before the next attempt; doubles up to
 MAX_RETRY_DELAY_S = 30.0
 
 
-def log(message: str) -> None:
-    print(f"stockade-pool: {message}", file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
 class Pool:
@@ -70,7 +69,7 @@ class Pool:
                 except Exception as exc:  # the pool must outlive any one failed start
                     self.create_failures += 1
                     self.failing = True
-                    log(f"cannot start {name}: {exc} (next try in {delay:.0f} s)")
+                    log.warning(f"cannot start {name}: {exc} (next try in {delay:.0f} s)")
                     await asyncio.sleep(delay)
                     delay = min(2 * delay, MAX_RETRY_DELAY_S)  # a broken host is not hammered
                     continue
@@ -121,7 +120,7 @@ class Pool:
         try:
             await self._in_lxc(self.containers.destroy, name)
         except ContainerError as exc:
-            log(f"cannot destroy {name}: {exc}")
+            log.warning(f"cannot destroy {name}: {exc}")
 
     async def close(self) -> None:
         """Destroy every container of the pool (handed-over ones too: the front is gone)."""
@@ -134,7 +133,7 @@ class Pool:
             try:
                 await self._in_lxc(self.containers.destroy, name)
             except ContainerError as exc:
-                log(f"cannot destroy {name}: {exc}")
+                log.warning(f"cannot destroy {name}: {exc}")
 
 
 class Manager:
@@ -154,13 +153,13 @@ class Manager:
         self.owner[name] = pool
         socket_path = str(self.containers.socket_path(name))
         with contextlib.suppress(ConnectionError, RuntimeError):
-            control.write(self.writer, control.Ready(name, pool.kind.name, socket_path))
+            channel.write(self.writer, channel.Ready(name, pool.kind.name, socket_path))
 
     async def fill(self) -> None:
         await asyncio.gather(*(pool.fill() for pool in self.pools))
 
-    def stats(self, request_id: int) -> control.PoolStats:
-        return control.PoolStats(
+    def stats(self, request_id: int) -> channel.PoolStats:
+        return channel.PoolStats(
             id=request_id, size=sum(p.size for p in self.pools),
             starting=sum(p.starting for p in self.pools),
             warm=all(p.warm for p in self.pools),
@@ -173,17 +172,17 @@ class Manager:
         """Answer the front until it goes away."""
         try:
             while True:
-                message = await control.read_front(reader)
-                if isinstance(message, control.Recycle):
+                message = await channel.read_front(reader)
+                if isinstance(message, channel.Recycle):
                     pool = self.owner.pop(message.name, None)
                     if pool is None:
-                        log(f"ignored a recycle of {message.name!r}, never handed over")
+                        log.warning(f"ignored a recycle of {message.name!r}, never handed over")
                     else:
                         pool.recycle(message.name)
                 else:
-                    control.write(self.writer, self.stats(message.id))
-        except control.ChannelError as exc:
-            log(f"front channel closed: {exc}")
+                    channel.write(self.writer, self.stats(message.id))
+        except channel.ChannelError as exc:
+            log.warning(f"front channel closed: {exc}")
 
     async def close(self) -> None:
         for pool in self.pools:
