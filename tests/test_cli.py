@@ -154,4 +154,6 @@ def test_saved_files_never_leave_the_directory_or_follow_links(tmp_path: Path) -
     for name in ("../escape", "/etc/passwd", "a//b", "link/x", "link"):
         with pytest.raises((remote.RemoteError, OSError)):
             remote.save_files([OutFile(name=name, content="x")], out)
+    with pytest.raises(remote.RemoteError, match="invalid base64"):
+        remote.save_files([OutFile(name="x", content="!!", encoding="base64")], out)
     assert list(target.iterdir()) == [] and not (tmp_path / "escape").exists()

@@ -68,8 +68,11 @@ def save_files(files: list[OutFile], directory: Path) -> list[Path]:
     saved = []
     for item in files:
         parts = _safe_parts(item.name)
-        data = (base64.b64decode(item.content, validate=True) if item.encoding == "base64"
-                else item.content.encode())
+        try:
+            data = (base64.b64decode(item.content, validate=True)
+                    if item.encoding == "base64" else item.content.encode())
+        except ValueError:
+            raise RemoteError(f"the runner returned {item.name!r} in invalid base64") from None
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for part in parts[:-1]:

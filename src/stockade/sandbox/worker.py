@@ -3,9 +3,10 @@ and becomes the program.
 
 It is prepared before the request arrives, under the run's init (`family.py`): it joins
 the run's cgroup, unshares the other namespaces in a private copy of the zygote's root
-template, mounts the run's own /proc and tmpfs, confines itself step by step and waits. On "go" it lowers its rlimits to the
-request's, takes its stdio and runs the program in-process. When the worker ends, the
-zygote kills the init, and with it whatever the program left in the namespace.
+template, mounts the run's own /proc and tmpfs, confines itself step by step and waits.
+On "go" it lowers its rlimits to the request's, takes its stdio and runs the program
+in-process. When the worker ends, the zygote kills the init, and with it whatever the
+program left in the namespace.
 """
 
 from __future__ import annotations
