@@ -169,7 +169,7 @@ lint: install-test ## ruff, mypy, ansible-lint (production profile), packer vali
 		-var sandbox_archive=/nonexistent -var output=/nonexistent -var version=0 \
 		-var commit=0 -var build_time=1970-01-01T00:00:00Z packer/host.pkr.hcl
 
-bench: install ## Latency, throughput and memory vs bare interpreter spawns (not a test).
+bench: test-packages install ## Latency, throughput and memory vs bare interpreter spawns (not a test).
 	$(BIN)/python bench/bench_sandbox.py
 	$(BIN)/python bench/bench_http.py
 	$(BIN)/python bench/bench_layers.py

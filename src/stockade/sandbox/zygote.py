@@ -44,8 +44,6 @@ from stockade.sandbox.plan import make_plan
 CPU_POLL_S = 0.01  # how often the run-wide CPU time is checked while a run is live
 SINGLE_THREADED_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
                        "MKL_NUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1"}
-
-
 log = logging.getLogger(__name__)
 
 

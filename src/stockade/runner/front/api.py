@@ -29,8 +29,6 @@ from stockade.sandbox import client
 
 RETRY_AFTER_S = 1
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
 log = logging.getLogger(__name__)
 
 

@@ -24,8 +24,6 @@ from stockade.runner.manager.containers import ContainerError, Containers
 
 RETRY_DELAY_S = 1.0  # after a failed create, before the next attempt; doubles up to
 MAX_RETRY_DELAY_S = 30.0
-
-
 log = logging.getLogger(__name__)
 
 
