@@ -226,6 +226,27 @@ print(json.dumps({{"status": status, "uid": os.getuid(), "securebits": securebit
                  "or (_ for _ in ()).throw(OSError(ctypes.get_errno(), 'x')))", "ENOENT"),
     _errno_probe("dev_shm_of_host", "attempt(lambda: open('/dev/shm/{ctx.shm_file}'))",
                  "ENOENT"),
+    Probe("sleep_resumes_after_stop_and_cont", """
+class timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+pid = os.fork()
+if pid == 0:  # a relative sleep, as sleep(3): resumed through restart_syscall
+    r = libc.nanosleep(ctypes.byref(timespec(0, 400_000_000)), None)
+    os._exit(0 if r == 0 else ctypes.get_errno())
+import signal, time
+time.sleep(0.1)
+os.kill(pid, signal.SIGSTOP)
+time.sleep(0.1)
+os.kill(pid, signal.SIGCONT)
+code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+print(json.dumps(errno.errorcode.get(code, code) if code else "ok"))
+""", expect_output("ok")),
+    Probe("posix_timers", """
+timer = ctypes.c_void_p()
+made = libc.timer_create(1, None, ctypes.byref(timer)) == 0  # CLOCK_MONOTONIC
+print(json.dumps("ok" if made and libc.timer_delete(timer) == 0
+                 else errno.errorcode[ctypes.get_errno()]))
+""", expect_output("ok")),
     Probe("hostname", "print(json.dumps(__import__('socket').gethostname()))",
           expect_output("sandbox")),
     Probe("sees_only_its_own_pids", """

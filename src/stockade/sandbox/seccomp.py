@@ -28,10 +28,26 @@ def _errno_action(err: int) -> int:
 
 DENY = _errno_action(errno.EPERM)
 
-# Calls a Python program (threads, subprocesses, numpy, pandas) needs. Anything absent
-# is refused with EPERM, including ptrace, mount, unshare, setns, bpf, perf_event_open,
-# keyctl/add_key/request_key, io_uring_*, userfaultfd, process_vm_*, personality,
-# kexec_* and module calls, pidfd_getfd, fsopen/fsmount, open_by_handle_at.
+# Calls a Python program (threads, subprocesses, numpy, pandas) needs; Docker's default
+# profile allows each of them too. Anything absent is refused with EPERM, including
+# ptrace, mount, unshare, setns, bpf, perf_event_open, keyctl/add_key/request_key,
+# io_uring_*, userfaultfd, process_vm_*, personality, kexec_* and module calls,
+# pidfd_getfd, fsopen/fsconfig/fsmount/move_mount/open_tree, open_by_handle_at.
+#
+# Why the ones that look dangerous are here:
+# - splice, tee, sendfile, copy_file_range: zero-copy I/O (shutil.copyfile uses them).
+#   They share page-cache pages; the page-cache write bug they once exposed (Dirty Pipe)
+#   is a kernel fix, not a filter's job, and a read-only root leaves little to target.
+# - setuid/setgid/setgroups and friends: with every capability dropped and securebits
+#   locked they can only keep or drop ids; libraries call them, e.g. before exec.
+# - execve/execveat: no_new_privs is set and the root holds no set-id file.
+# - prctl: cannot undo no_new_privs, securebits or a dropped capability.
+# - kill/tgkill/tkill: reach only the run's own pid namespace.
+# - shm*/sem*/msg*: a private IPC namespace per run.
+# - mlock/mlock2: RLIMIT_MEMLOCK is 0.
+# - restart_syscall: the kernel resumes an interrupted relative sleep with it (a run
+#   stopped and continued by SIGSTOP/SIGCONT); refusing it made that sleep fail.
+# - timer_*: POSIX timers signal only the calling process.
 ALLOWED = """
 read write readv writev pread64 pwrite64 preadv pwritev preadv2 pwritev2 open openat
 close close_range creat stat fstat lstat newfstatat statx statfs fstatfs lseek access
@@ -46,7 +62,8 @@ inotify_init inotify_init1 inotify_add_watch inotify_rm_watch memfd_create mmap 
 munmap mremap msync mincore madvise brk mlock munlock mlock2 membarrier rt_sigaction
 rt_sigprocmask rt_sigreturn rt_sigpending rt_sigtimedwait rt_sigsuspend rt_sigqueueinfo
 rt_tgsigqueueinfo sigaltstack kill tgkill tkill pause alarm getitimer setitimer
-nanosleep clock_nanosleep clock_gettime clock_getres gettimeofday time futex futex_waitv
+nanosleep clock_nanosleep clock_gettime clock_getres gettimeofday time restart_syscall
+timer_create timer_settime timer_gettime timer_getoverrun timer_delete futex futex_waitv
 set_robust_list get_robust_list set_tid_address rseq arch_prctl prctl sched_yield
 sched_getaffinity sched_setaffinity sched_getparam sched_getscheduler
 sched_get_priority_max sched_get_priority_min sched_rr_get_interval getpriority
