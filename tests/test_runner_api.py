@@ -157,6 +157,11 @@ BAD = [
      "invalid_file_name", "files[0].name"),
     ("duplicate file", b'{"code": "", "files": [{"name": "a", "content": ""}, '
      b'{"name": "a", "content": ""}]}', 422, "invalid_file_name", "files[1].name"),
+    ("a file where a directory must be", b'{"code": "", "files": [{"name": "a", "content": '
+     b'""}, {"name": "a/b", "content": ""}]}', 422, "invalid_file_name", "files[1].name"),
+    ("a directory where a file must be", b'{"code": "", "files": [{"name": "d/a/b", '
+     b'"content": ""}, {"name": "d/a", "content": ""}]}', 422, "invalid_file_name",
+     "files[1].name"),
     ("bad base64", b'{"code": "", "files": [{"name": "a", "content": "%%", '
      b'"encoding": "base64"}]}', 422, "invalid_file", "files[0].content"),
     ("bad encoding", b'{"code": "", "files": [{"name": "a", "content": "", '

@@ -3,6 +3,9 @@ units, metrics text, the nginx site, the AppArmor profile choice."""
 
 from __future__ import annotations
 
+import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ from stockade.limits import LimitsIn
 from stockade.runner.config import FULL, LEAN, RunnerConfig, kind_for
 from stockade.runner.front import nginx, piston, schema
 from stockade.runner.front.metrics import Metrics
+from stockade.runner.front.pool_client import connect_trusted
 from stockade.runner.manager.apparmor import PROFILE as APPARMOR_PROFILE
 from stockade.runner.manager.containers import ContainerError, apparmor_profile
 
@@ -126,3 +130,46 @@ def test_start_is_refused_where_apparmor_enforces_without_the_profile(tmp_path: 
     with pytest.raises(ContainerError,
                        match=r"apparmor_parser -r /etc/apparmor\.d/stockade-sandbox"):
         apparmor_profile(tmp_path / "enabled", tmp_path / "profiles")
+
+
+@pytest.fixture
+def zygote_socket(tmp_path: Path) -> Iterator[Path]:
+    """A listening SOCK_SEQPACKET socket owned by root, as a container's zygote serves."""
+    path = tmp_path / "zygote.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+        listener.bind(str(path))
+        listener.listen(4)
+        yield path
+
+
+def test_the_front_connects_to_a_socket_owned_and_served_by_the_container_root(
+        zygote_socket: Path) -> None:
+    connect_trusted(str(zygote_socket), owner_uid=0).close()
+
+
+def test_the_front_refuses_a_socket_of_another_owner(zygote_socket: Path) -> None:
+    with pytest.raises(PermissionError, match="not a socket owned by uid 100000"):
+        connect_trusted(str(zygote_socket), owner_uid=100000)
+
+
+def test_the_front_never_follows_a_planted_link(zygote_socket: Path, tmp_path: Path) -> None:
+    planted = tmp_path / "box"
+    planted.mkdir()
+    (planted / "zygote.sock").symlink_to(zygote_socket)
+    with pytest.raises(PermissionError, match="not a socket"):
+        connect_trusted(str(planted / "zygote.sock"), owner_uid=0)
+    (tmp_path / "linked-dir").symlink_to(zygote_socket.parent)
+    with pytest.raises(OSError):  # the directory itself is opened without following links
+        connect_trusted(str(tmp_path / "linked-dir" / "zygote.sock"), owner_uid=0)
+
+
+def test_the_front_refuses_a_socket_served_by_another_uid(tmp_path: Path) -> None:
+    """The peer's credentials are checked too: a socket chowned to the expected uid but
+    served by another process is refused."""
+    path = tmp_path / "zygote.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+        listener.bind(str(path))
+        listener.listen(4)
+        os.chown(path, 12345, 12345)
+        with pytest.raises(PermissionError, match="served by uid 0, not 12345"):
+            connect_trusted(str(path), owner_uid=12345)

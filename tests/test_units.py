@@ -189,3 +189,15 @@ def test_run_cgroup_lists_each_directory_once() -> None:
     shared = Path("/x")
     assert RunCgroup(2, {"memory": shared, "pids": shared, "cpu": shared}).procs_paths == [
         shared / "cgroup.procs"]
+
+
+@pytest.mark.parametrize(("names", "conflict"), [
+    (["a", "b", "c/d"], None), (["d/a", "d/b", "d/e/f"], None),
+    (["a", "a"], 1), (["a", "a/b"], 1), (["a/b", "a"], 1), (["x/y/z", "x/y"], 1),
+    (["x/y", "q", "x/y/z/w"], 2)])
+def test_colliding_file_names_are_found(names: list[str], conflict: int | None) -> None:
+    found = protocol.file_name_conflict(names)
+    assert (found[0] if found else None) == conflict
+    if conflict is not None:
+        with pytest.raises(protocol.ProtocolError):
+            protocol.check_file_names(names)

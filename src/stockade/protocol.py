@@ -186,11 +186,32 @@ def check_payload(payload: Payload) -> None:
     check_file_names([f.name for f in payload.files])
 
 
+def file_name_conflict(names: list[str]) -> tuple[int, str] | None:
+    """The first name that collides with an earlier one, as (index, why): the same name,
+    or a file where another needs a directory ('a' and 'a/b', in either order)."""
+    files: set[str] = set()
+    dirs: set[str] = set()
+    for index, name in enumerate(names):
+        parts = name.split("/")
+        parents = {"/".join(parts[:depth]) for depth in range(1, len(parts))}
+        if name in files:
+            return index, f"duplicate file name {name!r}"
+        if name in dirs:
+            return index, f"{name!r} is a file, but another file needs it to be a directory"
+        clash = sorted(parents & files)
+        if clash:
+            return index, f"{name!r} needs {clash[0]!r} to be a directory, but it is a file"
+        files.add(name)
+        dirs |= parents
+    return None
+
+
 def check_file_names(names: list[str]) -> None:
     for name in names:
         check_file_name(name)
-    if len(set(names)) != len(names):
-        raise ProtocolError("file names must be unique")
+    conflict = file_name_conflict(names)
+    if conflict is not None:
+        raise ProtocolError(conflict[1])
 
 
 def send(sock: socket.socket, message: msgspec.Struct, fds: list[int] | None = None) -> None:

@@ -23,7 +23,7 @@ from stockade.runner.channel import ChannelError, PoolStats
 from stockade.runner.config import RunnerConfig, kind_for
 from stockade.runner.front import openapi, piston, schema
 from stockade.runner.front.metrics import Metrics
-from stockade.runner.front.pool_client import Lease, PoolClient
+from stockade.runner.front.pool_client import Lease, PoolClient, connect_trusted
 from stockade.runner.front.schema import ApiError
 from stockade.sandbox import client
 
@@ -32,13 +32,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = logging.getLogger(__name__)
 
 
-def _run_on(lease: Lease, job: client.Job, limits: Limits,
+def _run_on(lease: Lease, owner_uid: int, job: client.Job, limits: Limits,
             outputs: client.OutputCaps) -> Result:
     """In a worker thread: one run on the leased container's zygote, over the connection
     the lease keeps open between runs (a zygote serves one connection at a time)."""
     if lease.connection is None:
         try:
-            lease.connection = client.connect(lease.socket_path)
+            lease.connection = connect_trusted(lease.socket_path, owner_uid)
         except OSError as exc:
             return client.internal_error(f"cannot reach the container's zygote: {exc}")
     return client.run(lease.connection, job, limits, outputs)
@@ -83,7 +83,8 @@ class Runs:
         self.metrics.in_flight += 1
         self.idle.clear()
         loop = asyncio.get_running_loop()
-        running = loop.run_in_executor(self.threads, _run_on, lease, job, limits, self.outputs)
+        running = loop.run_in_executor(self.threads, _run_on, lease, self.config.idmap_base,
+                                       job, limits, self.outputs)
         # The container goes back when its run has ended in its thread, not when this
         # request does: a cancelled request must not close a connection still in use.
         running.add_done_callback(lambda done: self._ended(lease, done))

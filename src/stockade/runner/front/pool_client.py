@@ -6,8 +6,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import itertools
+import os
 import socket
+import stat
+import struct
 from dataclasses import dataclass, field
 
 from stockade.runner.channel import (
@@ -19,6 +23,33 @@ from stockade.runner.channel import (
     read_manager,
     write,
 )
+from stockade.sandbox import client
+
+
+def connect_trusted(path: str, owner_uid: int) -> socket.socket:
+    """Connect to a container's zygote socket only if it is a socket owned by the
+    container's root, reached through no symlink, and served by a process of that uid.
+
+    The container owns the directory the socket is in and may plant anything there. Its
+    parent is root's, so the directory itself is pinned by a descriptor; the socket is
+    checked without following links and reached through that descriptor; the peer's
+    credentials close the window between that check and connect()."""
+    directory, name = os.path.split(path)
+    dirfd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != owner_uid:
+            raise PermissionError(errno.EPERM, f"{path} is not a socket owned by uid "
+                                  f"{owner_uid}: not connecting")
+        sock = client.connect(f"/proc/self/fd/{dirfd}/{name}")
+    finally:
+        os.close(dirfd)
+    _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                    struct.calcsize("3i")))
+    if uid != owner_uid:
+        sock.close()
+        raise PermissionError(errno.EPERM, f"{path} is served by uid {uid}, not {owner_uid}")
+    return sock
 
 
 @dataclass(eq=False)

@@ -120,16 +120,17 @@ def _files(files: list[FileIn], max_files: int, max_file_bytes: int) -> list[pro
     """Decode and check the input files: safe, unique names, each under the cap."""
     if len(files) > max_files:
         raise ApiError(422, "too_many_files", f"at most {max_files} files", "files")
-    decoded, seen = [], set()
     for index, item in enumerate(files):
-        field = f"files[{index}].name"
         try:
             protocol.check_file_name(item.name)
         except protocol.ProtocolError as exc:
-            raise ApiError(422, "invalid_file_name", str(exc), field) from None
-        if item.name in seen:
-            raise ApiError(422, "invalid_file_name", f"duplicate file name {item.name!r}", field)
-        seen.add(item.name)
+            raise ApiError(422, "invalid_file_name", str(exc), f"files[{index}].name") from None
+    conflict = protocol.file_name_conflict([item.name for item in files])
+    if conflict is not None:
+        index, why = conflict
+        raise ApiError(422, "invalid_file_name", why, f"files[{index}].name")
+    decoded = []
+    for index, item in enumerate(files):
         content = file_content(item.content, item.encoding, f"files[{index}].content")
         if len(content) > max_file_bytes:
             raise ApiError(422, "file_too_large", f"{item.name!r} is over the "
