@@ -143,3 +143,23 @@ def test_a_zygote_without_its_runs_init_refuses_to_start(tmp_path: Path,
     monkeypatch.setattr(zygote, "INIT_PROGRAM", ("/nonexistent/catatonit", "-P"))
     with pytest.raises(FileNotFoundError, match="every run's init is catatonit"):
         zygote.Zygote(make_config(str(tmp_path), "noinit"))
+
+
+def test_the_runs_proc_falls_back_to_what_an_older_kernel_takes() -> None:
+    """Before 5.8 the kernel refuses subset=pid and hidepid=invisible with EINVAL."""
+    tried: list[str] = []
+
+    def old_kernel(_source: str, _target: str, _fstype: str, _flags: int, options: str) -> None:
+        tried.append(options)
+        if options != "hidepid=2":
+            raise OSError(errno.EINVAL, "unknown option")
+
+    assert confine.mount_run_proc("/proc", mount=old_kernel) == "hidepid=2"
+    assert tried == list(confine.RUN_PROC_OPTIONS)
+
+    def no_proc_at_all(_source: str, _target: str, _fstype: str, _flags: int,
+                       _options: str) -> None:
+        raise OSError(errno.EPERM, "not allowed")
+
+    with pytest.raises(PermissionError):  # any other error is not a reason to give up less
+        confine.mount_run_proc("/proc", mount=no_proc_at_all)

@@ -96,7 +96,8 @@ def _check_status_flags(result: Result, ctx: Context) -> None:
 
 
 def _check_pids(result: Result, ctx: Context) -> None:
-    assert stdout_json(result) == {"pid": 2, "pids": [1, 2]}
+    # Its init (pid 1) is root's: the run's /proc hides every process but its own.
+    assert stdout_json(result) == {"pid": 2, "pids": [2]}
 
 
 def _check_fork_count(result: Result, ctx: Context) -> None:
@@ -185,9 +186,18 @@ print(json.dumps({{"status": status, "uid": os.getuid(), "securebits": securebit
 """, _check_status_flags),
     _errno_probe("setuid_root", "attempt(lambda: os.setuid(0))"),
     _errno_probe("read_etc_shadow", "attempt(lambda: open('/etc/shadow').read())", "EACCES"),
-    # the zygote's own proc, kept in every run's root so that the run's init may mount one
+    # the zygote's own proc, kept in the root template so that each run may mount one
     _errno_probe("zygote_proc_kept_from_run", "attempt(lambda: os.listdir('/.stockade/proc'))",
                  "EACCES"),
+    Probe("zygote_proc_detached_from_run", """
+print(json.dumps([line.split()[4] for line in open("/proc/self/mountinfo")
+                  if line.split()[4].startswith("/.stockade")]))
+""", expect_output([])),
+    Probe("proc_shows_only_the_run", """
+hidden = [p for p in ("/proc/sys", "/proc/sysrq-trigger", "/proc/kcore", "/proc/meminfo",
+                      "/proc/stat", "/proc/1") if os.path.exists(p)]
+print(json.dumps({{"visible": hidden, "write": attempt(lambda: open("/proc/self/comm", "w"))}}))
+""", expect_output({"visible": [], "write": "EROFS"})),
     _errno_probe("write_outside_workdir", "[attempt(lambda p=p: open(p, 'w')) for p in "
                  "('/etc/stockade-probe', '/usr/stockade-probe', '/stockade-probe', "
                  "'/dev/stockade-probe')]",

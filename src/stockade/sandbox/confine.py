@@ -8,10 +8,12 @@ A step either fully succeeds or raises; none of them degrades silently.
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import os
 import resource
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,11 +160,32 @@ def join_root_template(template_fd: int) -> None:
     os.close(template_fd)
 
 
+# The run's /proc, first choice first: read-only, its own processes only, nothing
+# host-wide (no /proc/sys, sysrq-trigger, kcore, meminfo, stat). Kernels before 5.8 know
+# neither `subset=pid` nor `hidepid=invisible`: each older spelling gives up less.
+RUN_PROC_OPTIONS = ("subset=pid,hidepid=invisible", "hidepid=invisible", "hidepid=2")
+
+
+def mount_run_proc(target: str = "/proc",
+                   mount: Callable[[str, str, str, int, str], None] = libc.mount) -> str:
+    """Mount the run's /proc with the best options this kernel takes; return them."""
+    for options in RUN_PROC_OPTIONS:
+        try:
+            mount("proc", target, "proc", _PRIVATE_TMPFS | libc.MS_RDONLY, options)
+            return options
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    raise OSError(errno.EINVAL, f"the kernel takes none of {RUN_PROC_OPTIONS} for proc")
+
+
 def enter_private_root(plan: RootPlan) -> None:
     """In a private copy of the root template: a fresh /proc of the run's pid namespace
     and fresh size-capped tmpfs for the workdir, /tmp and /dev/shm. Nothing else is
-    visible, and nothing of one run's files reaches another."""
-    libc.mount("proc", "/proc", "proc", _PRIVATE_TMPFS)
+    visible, and nothing of one run's files reaches another. The zygote's own proc, kept
+    in the template only so that this mount is allowed, is detached from the run."""
+    mount_run_proc()
+    libc.umount2(PROC_KEEPER + "/proc", libc.MNT_DETACH)
     covered = [(path, os.open(path, os.O_PATH | os.O_CLOEXEC)) for path in _covered(plan)]
     for target, options in _private_mounts(plan):
         libc.mount("tmpfs", target, "tmpfs", _PRIVATE_TMPFS, options)
