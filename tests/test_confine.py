@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from stockade.limits import Limits
-from stockade.sandbox import confine, libc, seccomp, zygote
+from stockade.sandbox import collector, confine, libc, seccomp, zygote
 from stockade.sandbox.config import RUN_ENVIRONMENT
 from support.sandbox import make_config
 
@@ -163,3 +163,25 @@ def test_the_runs_proc_falls_back_to_what_an_older_kernel_takes() -> None:
 
     with pytest.raises(PermissionError):  # any other error is not a reason to give up less
         confine.mount_run_proc("/proc", mount=no_proc_at_all)
+
+
+def test_the_out_collector_is_confined_like_a_run() -> None:
+    program = seccomp.build_program()
+
+    def body() -> Any:
+        stray = os.open("/dev/null", os.O_RDONLY)  # what the zygote may have had open
+        collector.confine_collector(61234, 61234, program,
+                                    ctypes.create_string_buffer(program, len(program)),
+                                    keep=set(REPORT_FD))
+        seen = status()
+        try:
+            os.fstat(stray)
+            stray_open = True
+        except OSError:
+            stray_open = False
+        return {"uid": seen["Uid"], "caps": [seen[k] for k in ("CapPrm", "CapEff", "CapBnd")],
+                "nnp": seen["NoNewPrivs"], "seccomp": seen["Seccomp"], "stray": stray_open}
+    seen = in_child(body)
+    assert seen["uid"].split() == ["61234"] * 4 and not seen["stray"]
+    assert all(int(cap, 16) == 0 for cap in seen["caps"])
+    assert (seen["nnp"], seen["seccomp"]) == ("1", "2")

@@ -6,9 +6,11 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from stockade.sandbox.cgroups import CgroupDriver
+from stockade.sandbox.zygote import EXIT_UNCLEAN
 from support.leftovers import host_processes_of, leftovers_seen
 from support.sandbox import Sandbox, make_config
 
@@ -64,3 +66,14 @@ def test_a_killed_zygote_takes_its_prepared_run_with_it(tmp_path: Path) -> None:
 
 def _children(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_a_zygote_that_cannot_prove_a_run_gone_exits(
+        weak_sandbox: Callable[[str], Sandbox]) -> None:
+    """Fail closed: the answer goes out, then the zygote exits rather than serve again."""
+    box = weak_sandbox("unreapable")
+    assert box.run("print(1)").status == "ok"
+    proc = box.process.proc
+    assert proc is not None
+    assert proc.wait(timeout=30) == EXIT_UNCLEAN
+    assert box.sock.recv(1) == b""  # its end of the connection is closed

@@ -3,6 +3,9 @@ go on, admission control."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
@@ -75,3 +78,20 @@ def test_a_dirty_container_is_replaced_and_a_clean_one_kept(runner: RunnerProces
     wait_for_full_pool(runner)
     after = set(runner.containers())
     assert len(before - after) == 1 and len(after) == runner.config.containers, (before, after)
+
+
+def test_a_zygote_gone_while_idle_costs_no_run(runner: RunnerProcess) -> None:
+    """A container whose zygote exited (it fails closed) is skipped and replaced; every
+    run is still served."""
+    wait_for_full_pool(runner)
+    lean = [name for name in runner.containers() if "-lean-" in name]
+    for _ in range(2 * len(lean)):  # every lean container holds a connection now
+        assert runner.run("print(1)").status == "ok"
+    victim = lean[0]
+    pid = subprocess.run(["lxc-info", "-P", runner.config.lxc_path, "-n", victim, "-pH"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    os.kill(int(pid), signal.SIGKILL)
+    results = [runner.run("print(1)") for _ in range(2 * len(lean))]
+    assert [r.status for r in results] == ["ok"] * len(results), [r.message for r in results]
+    wait_for_full_pool(runner)
+    assert victim not in runner.containers()

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from typing import Any
 
-from stockade.sandbox import cgroups, confine, libc, worker, zygote
+from stockade.sandbox import cgroups, confine, family, libc, worker, zygote
 
 WORKER_STEPS = {"identity", "securebits", "capabilities", "no_new_privs", "seccomp",
                 "environment"}
@@ -53,6 +53,8 @@ def weaken(layer: str) -> None:
         cgroups.RunCgroup.set_memory_limit = _nothing  # type: ignore[assignment]
     elif layer == "pids":
         cgroups.RunCgroup.set_pids_limit = _nothing  # type: ignore[assignment]
+    elif layer == "unreapable":  # not a layer: a zygote that cannot prove a run is gone
+        family.Family.reap = lambda *_args, **_kwargs: False  # type: ignore[method-assign]
     else:
         raise SystemExit(f"unknown layer {layer!r}")
 

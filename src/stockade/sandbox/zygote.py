@@ -42,9 +42,15 @@ from stockade.sandbox.family import (
 from stockade.sandbox.plan import make_plan
 
 CPU_POLL_S = 0.01  # how often the run-wide CPU time is checked while a run is live
+EXIT_UNCLEAN = 3  # the zygote's exit status when it cannot prove a finished run is gone
 SINGLE_THREADED_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
                        "MKL_NUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1"}
 log = logging.getLogger(__name__)
+
+
+class UncleanRun(RuntimeError):
+    """A finished run may not be gone: this zygote must serve no other. Its container is
+    replaced; the zygote exits rather than guess."""
 
 
 class Zygote:
@@ -65,7 +71,7 @@ class Zygote:
         self.family = Family(config.name, self.plan, self.cgroups, self.pid_ns_fd)
         self.embryo: Embryo | None = None
         self.active: Embryo | None = None
-        self.busy_cgroups: list[RunCgroup] = []
+        self.busy_cgroups: list[tuple[RunCgroup, float]] = []  # and since when
 
     def preload(self) -> None:
         """Import what runs need once, then freeze it so forks share it untouched."""
@@ -262,10 +268,19 @@ class Zygote:
             embryo.kill()  # whatever the program left dies now
         self._prewarm()  # the next run's setup overlaps this reap on another core
         if embryo is not None:
-            self.family.reap(embryo)
+            gone = self.family.reap(embryo)
             embryo.close()
-            self.busy_cgroups.append(embryo.cgroup)
-        self.busy_cgroups = [cg for cg in self.busy_cgroups if not cg.remove(timeout_s=0.05)]
+            if not gone:
+                raise UncleanRun("a finished run's init or worker would not die")
+            self.busy_cgroups.append((embryo.cgroup, time.monotonic()))
+        self.busy_cgroups = [(cg, since) for cg, since in self.busy_cgroups
+                             if not cg.remove(timeout_s=0.05)]
+        # A cgroup the kernel is still tearing down is fine; one with processes in it
+        # long after its run was killed is not.
+        for cgroup, since in self.busy_cgroups:
+            if time.monotonic() - since > KILL_GRACE_S and not cgroup.is_empty():
+                raise UncleanRun(f"processes are left in a finished run's cgroup "
+                                 f"{cgroup.procs_paths[0].parent.name}")
 
     def close(self) -> None:
         """Kill every run process this zygote started and remove every cgroup it created."""
@@ -329,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         listener = listen(config)
         print("ready", flush=True)
         zygote.serve(listener)
+    except UncleanRun as exc:
+        log.error(f"{exc}: exiting, so that this container is replaced")
+        return EXIT_UNCLEAN
     finally:
         zygote.close()
         with contextlib.suppress(FileNotFoundError):

@@ -71,7 +71,7 @@ class Runs:
         started = time.monotonic()
         self.metrics.queue_depth += 1
         try:
-            lease = await asyncio.wait_for(self.pool.acquire(kind),
+            lease = await asyncio.wait_for(self._acquire_live(kind),
                                            self.config.queue_timeout_s)
         except TimeoutError:
             raise self._saturated("queue_timeout", "no container became free within "
@@ -91,6 +91,16 @@ class Runs:
         result = await asyncio.shield(running)
         self.metrics.observe_run(result.status, time.monotonic() - started)
         return result
+
+    async def _acquire_live(self, kind: str) -> Lease:
+        """A container whose zygote is still there: one that hung up goes back dirty, to
+        be replaced, and the next is taken. No run is lost to a zygote that failed closed."""
+        while True:
+            lease = await self.pool.acquire(kind)
+            if not lease.hung_up():
+                return lease
+            log.warning(f"the zygote of {lease.name} hung up while idle; replacing it")
+            self.pool.release(lease, dirty=True)
 
     def _ended(self, lease: Lease, done: asyncio.Future[Result]) -> None:
         clean = (not done.cancelled() and done.exception() is None

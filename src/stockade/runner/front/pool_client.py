@@ -9,6 +9,7 @@ import contextlib
 import errno
 import itertools
 import os
+import select
 import socket
 import stat
 import struct
@@ -60,6 +61,15 @@ class Lease:
     kind: str
     socket_path: str
     connection: socket.socket | None = field(default=None, repr=False)
+
+    def hung_up(self) -> bool:
+        """Whether the zygote closed its end while the container was idle (it exits when
+        it cannot prove its last run gone) or said something it was not asked."""
+        if self.connection is None:
+            return False
+        poller = select.poll()
+        poller.register(self.connection, select.POLLIN | select.POLLHUP)
+        return bool(poller.poll(0))
 
     def close(self) -> None:
         if self.connection is not None:
