@@ -180,7 +180,7 @@ def start_container() -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         done = attach("ip -4 -o addr show dev eth0 | grep -q inet && "
-                      "getent hosts deb.debian.org >/dev/null", check=False)
+                      "ip -4 route show default | grep -q via", check=False)
         if done.returncode == 0:
             return
         time.sleep(2)
