@@ -39,6 +39,12 @@ def test_a_long_step_is_never_silent(tmp_path: Path) -> None:
     assert len(beats) >= 2 and beats[-1].endswith("last: working on it")
 
 
+def test_a_heartbeat_shows_the_log_without_terminal_colours(tmp_path: Path) -> None:
+    coloured = "printf '\\033[32mok: host\\033[0m\\n'; sleep 2"
+    done = step(tmp_path / "colour.log", "sh", "-c", coloured, HEARTBEAT_S="1")
+    assert "last: ok: host" in done.stdout and "\x1b" not in done.stdout
+
+
 def test_a_failure_shows_the_end_of_the_log_its_path_and_the_next_command(
         tmp_path: Path) -> None:
     log = tmp_path / "bad.log"
