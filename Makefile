@@ -145,13 +145,18 @@ test-python: test-packages install-test sandbox-image ## The pytest suite (root:
 	@STEP_VERBOSE=1 $(STEP) "pytest: units, attacks, the runner end to end" "~2 min" \
 		$(LOGS)/pytest.log "$(BIN)/pytest -x -k NAME_OF_THE_FAILED_TEST" -- $(BIN)/pytest $(PYTEST_ARGS)
 
+# The scenarios share one base container with their packages: made by the first, removed
+# after the last (and on failure), so no run starts from what an earlier one left.
 molecule: test-packages install-test dist ## Molecule scenarios: hosts built by the roles, checked by testinfra.
-	@for scenario in $(SCENARIOS); do \
+	@status=0; for scenario in $(SCENARIOS); do \
 		PATH=$(CURDIR)/$(BIN):$$PATH $(STEP) "molecule scenario $$scenario: converge, idempotence, verify" \
 			"~3 min" $(LOGS)/molecule-$$scenario.log \
 			"PATH=$(CURDIR)/$(BIN):\$$PATH molecule converge -s $$scenario && molecule login -s $$scenario" -- \
-			$(BIN)/molecule test -s $$scenario || exit 1; \
-	done
+			$(BIN)/molecule test -s $$scenario || { status=1; break; }; \
+	done; \
+	for base in $$(lxc-ls -1 2>/dev/null | grep '^stockade-molecule-base-'); do \
+		lxc-destroy --force --name $$base >/dev/null; done; \
+	exit $$status
 
 # A pristine Debian 12 system container (nested LXC) gets a clean clone of HEAD and runs the
 # README's set-up command; passes when /readyz answers and hello and pandas runs are ok.
