@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
@@ -88,9 +89,16 @@ def test_a_zygote_gone_while_idle_costs_no_run(runner: RunnerProcess) -> None:
     for _ in range(2 * len(lean)):  # every lean container holds a connection now
         assert runner.run("print(1)").status == "ok"
     victim = lean[0]
-    pid = subprocess.run(["lxc-info", "-P", runner.config.lxc_path, "-n", victim, "-pH"],
-                         capture_output=True, text=True, check=True).stdout.strip()
-    os.kill(int(pid), signal.SIGKILL)
+
+    def lxc_info(flag: str) -> str:
+        return subprocess.run(["lxc-info", "-P", runner.config.lxc_path, "-n", victim, flag,
+                               "-H"], capture_output=True, text=True, check=True).stdout.strip()
+
+    os.kill(int(lxc_info("-p")), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while lxc_info("-s") != "STOPPED":  # its zygote's end of the connection is closed
+        assert time.monotonic() < deadline, "the killed container did not stop"
+        time.sleep(0.05)
     results = [runner.run("print(1)") for _ in range(2 * len(lean))]
     assert [r.status for r in results] == ["ok"] * len(results), [r.message for r in results]
     wait_for_full_pool(runner)

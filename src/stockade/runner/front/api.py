@@ -94,7 +94,8 @@ class Runs:
 
     async def _acquire_live(self, kind: str) -> Lease:
         """A container whose zygote is still there: one that hung up goes back dirty, to
-        be replaced, and the next is taken. No run is lost to a zygote that failed closed."""
+        be replaced, and the next is taken. (A run sent while a zygote is still deciding
+        that it must exit gets an internal_error; only an unclean run opens that window.)"""
         while True:
             lease = await self.pool.acquire(kind)
             if not lease.hung_up():
