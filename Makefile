@@ -160,7 +160,7 @@ molecule: test-packages install-test dist ## Molecule scenarios: hosts built by 
 
 # A pristine Debian 12 system container (nested LXC) gets a clean clone of HEAD and runs the
 # README's set-up command; passes when /readyz answers and hello and pandas runs are ok.
-fresh-test: test-packages ## Prove the README's set-up on a pristine Debian 12 (~10 min; root).
+fresh-test: test-packages ## Prove the README's set-up on a pristine Debian 12 (~7 min; root).
 	@$(PYTHON) tests/fresh/fresh_machine.py
 
 lint: install-test ## ruff, mypy, ansible-lint (production profile), packer validate.
