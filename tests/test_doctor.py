@@ -95,6 +95,9 @@ def test_subordinate_ids(tmp_path: Path) -> None:
     (tmp_path / "subgid").write_text("alice:120000:65536\n")
     check = doctor.check_subids(config, tmp_path)
     assert not check.ok and "alice" in check.detail
+    (tmp_path / "subuid").unlink()  # root has no range yet, and another user overlaps
+    check = doctor.check_subids(config, tmp_path)
+    assert not check.ok and "/etc/subgid gives 100000-165535 to alice" in check.detail
 
 
 def test_apparmor(tmp_path: Path) -> None:

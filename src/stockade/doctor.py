@@ -129,15 +129,15 @@ def check_subids(config: RunnerConfig, etc: Path = Path("/etc")) -> Check:
     """root's subordinate ids: the containers' uid range, which `stockade serve` adds."""
     base, size = config.idmap_base, config.idmap_size
     span = f"{base}-{base + size - 1}"
-    for name in ("subuid", "subgid"):
-        has, other = _subid_owner(etc / name, base, size)
+    found = {name: _subid_owner(etc / name, base, size) for name in ("subuid", "subgid")}
+    for name, (_, other) in found.items():
         if other:
             return Check("subordinate ids", False, f"/etc/{name} gives {span} to {other}",
                          f"remove {other}'s overlapping range or set idmap_base in the "
                          "runner config")
-        if not has:
-            return Check("subordinate ids", True,
-                         f"root has no {span} range yet; `stockade serve` adds it")
+    if not all(has for has, _ in found.values()):
+        return Check("subordinate ids", True,
+                     f"root has no {span} range yet; `stockade serve` adds it")
     return Check("subordinate ids", True, f"root has {span} in /etc/subuid and /etc/subgid")
 
 

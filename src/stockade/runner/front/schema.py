@@ -117,7 +117,8 @@ def file_content(content: str, encoding: str, field: str) -> bytes:
 
 
 def _files(files: list[FileIn], max_files: int, max_file_bytes: int) -> list[protocol.InputFile]:
-    """Decode and check the input files: safe, unique names, each under the cap."""
+    """Decode and check the input files: safe names that do not collide, each under the
+    cap."""
     if len(files) > max_files:
         raise ApiError(422, "too_many_files", f"at most {max_files} files", "files")
     for index, item in enumerate(files):
