@@ -17,6 +17,7 @@ import pytest
 from stockade.limits import Limits
 from stockade.sandbox import collector, confine, libc, seccomp, zygote
 from stockade.sandbox.config import RUN_ENVIRONMENT
+from stockade.sandbox.plan import RunPlan
 from support.sandbox import make_config
 
 REPORT_FD: list[int] = []  # the child's report pipe, for bodies that close descriptors
@@ -167,12 +168,17 @@ def test_the_runs_proc_falls_back_to_what_an_older_kernel_takes() -> None:
 
 def test_the_out_collector_is_confined_like_a_run() -> None:
     program = seccomp.build_program()
+    root = confine.RootPlan(mount_point="/nonexistent", ro_paths=(), run_uid=61234,
+                            run_gid=61234, workdir_size_mib=1, tmp_size_mib=1, shm_size_mib=1)
+    plan = RunPlan(root=root, root_template_fd=-1, namespaces=0, seccomp_program=program,
+                   seccomp_buffer=ctypes.create_string_buffer(program, len(program)),
+                   rlimit_nofile=256, rlimit_nproc=512, rlimit_stack_mib=8,
+                   max_payload_bytes=1 << 20, limit_ceiling=Limits(), max_out_files=16,
+                   max_out_bytes=1 << 20)
 
     def body() -> Any:
         stray = os.open("/dev/null", os.O_RDONLY)  # what the zygote may have had open
-        collector.confine_collector(61234, 61234, program,
-                                    ctypes.create_string_buffer(program, len(program)),
-                                    keep=set(REPORT_FD))
+        collector.confine_collector(plan, keep=set(REPORT_FD))
         seen = status()
         try:
             os.fstat(stray)

@@ -8,7 +8,6 @@ following a symlink, never reading a hard-linked file, a FIFO or a device.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import os
 import signal
@@ -17,9 +16,10 @@ import stat
 import msgspec
 
 from stockade import protocol
-from stockade.sandbox import confine, libc
+from stockade.sandbox import libc
 from stockade.sandbox.family import KILL_GRACE_S, exited
 from stockade.sandbox.plan import RunPlan
+from stockade.sandbox.worker import worker_steps
 
 MAX_OUT_ENTRIES = 4096  # directory entries the out/ collector looks at, at most
 
@@ -54,23 +54,17 @@ def has_out_dir(workdir: int) -> bool:
         return False
 
 
-def confine_collector(uid: int, gid: int, seccomp_program: bytes,
-                      seccomp_buffer: ctypes.Array[ctypes.c_char], keep: set[int]) -> None:
-    """The collector walks what a run left, so it is confined like one: only the outbox
-    and the workdir open, the run's uid, no capability, no_new_privs, the run's seccomp
-    filter. In the design's order, the filter last."""
-    confine.close_inherited_fds(keep)
-    confine.drop_identity(uid, gid)
-    confine.lock_securebits()
-    confine.drop_capabilities()
-    confine.set_no_new_privs()
-    confine.load_seccomp_filter(seccomp_program, seccomp_buffer)
+def confine_collector(plan: RunPlan, keep: set[int]) -> None:
+    """The collector walks what a run left, so it is confined like one, by the worker's
+    own steps in their order: rlimits, the run's uid, locked securebits, no capability,
+    no_new_privs, the run's seccomp filter, only `keep` open, a whitelisted environment."""
+    for _, apply in worker_steps(plan, keep):
+        apply()
 
 
 def collect_outputs(outbox: int, workdir: int, plan: RunPlan) -> None:
     """In the collector: write the files under out/ into the client's outbox."""
-    confine_collector(plan.root.run_uid, plan.root.run_gid, plan.seccomp_program,
-                      plan.seccomp_buffer, keep={outbox, workdir})
+    confine_collector(plan, keep={outbox, workdir})
     collected = _Collector(plan.max_out_files, plan.max_out_bytes)
     try:
         root = os.open(protocol.OUT_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
