@@ -35,7 +35,6 @@ class RunPlan:
     max_out_bytes: int
 
 
-
 def read_only_paths(extra: list[str]) -> tuple[str, ...]:
     """Host paths a run sees read-only: the system, this interpreter and its packages."""
     wanted = [*BASE_RO_PATHS, sys.prefix, *sys.path, *extra]
