@@ -7,7 +7,8 @@ The admin key reaches the guest as a systemd credential (`ssh.authorized_keys.ro
 fw_cfg), the way a provider's metadata would: the image itself carries no key. The tests
 are the Molecule scenarios' own (hardening, runner) plus the image's (stamp, first boot),
 less the few that need packets to reach the instance unproxied. The VM is shut down on
-every path; on any failure the VM's serial console log is printed.
+every path. On any failure the VM's serial console is kept in build/logs and its tail
+printed, and the last lines say what failed.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ SUITES = [MOLECULE / "hardening" / "tests", MOLECULE / "runner" / "tests", HERE 
 # Done at image build time, not at the runner's first start: tests/test_host_image.py checks the
 # image's own version of it.
 DESELECT = ["runner/tests/test_image.py::test_runner_imported_the_archived_image"]
-CONSOLE_TAIL = 150
+CONSOLE_TAIL = 60
+CONSOLE_KEPT = MOLECULE.parent / "build" / "logs" / "image-test-console.log"
 GATEWAY = "10.0.2.2"  # qemu's user-mode network: where the guest sees this host
 
 
@@ -123,12 +125,32 @@ def shutdown(key: Path, port: int, qemu: subprocess.Popen[bytes]) -> None:
 
 
 def print_console(work: Path) -> None:
-    lines = (work / "console.log").read_text(errors="replace").splitlines()
-    print(f"--- VM serial console (last {CONSOLE_TAIL} of {len(lines)} lines) ---")
+    """The console's tail, and the whole of it kept where the step's log is."""
+    text = (work / "console.log").read_text(errors="replace")
+    CONSOLE_KEPT.parent.mkdir(parents=True, exist_ok=True)
+    CONSOLE_KEPT.write_text(text)
+    lines = text.splitlines()
+    print(f"--- VM serial console (last {CONSOLE_TAIL} of {len(lines)} lines; "
+          f"all of it: {CONSOLE_KEPT}) ---")
     print("\n".join(lines[-CONSOLE_TAIL:]))
     qemu_log = (work / "qemu.log").read_text(errors="replace").strip()
     if qemu_log:
         print(f"--- qemu ---\n{qemu_log}")
+
+
+def run_tests(argv: list[str], env: dict[str, str]) -> list[str]:
+    """Run pytest, streaming its output; its summary lines for what failed (empty: passed)."""
+    failed: list[str] = []
+    with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, errors="replace") as tests:
+        assert tests.stdout is not None
+        for line in tests.stdout:
+            print(line, end="", flush=True)
+            if line.startswith(("FAILED ", "ERROR ")):
+                failed.append(line.rstrip())
+    if tests.returncode != 0 and not failed:
+        failed.append(f"pytest exited with {tests.returncode}")
+    return failed
 
 
 def main() -> int:
@@ -176,22 +198,26 @@ def main() -> int:
                 if ignored.returncode != 0:
                     raise ImageTestError(f"fail2ban-client addignoreip: {ignored.stderr}")
             except ImageTestError as exc:
-                print(f"image-test: {exc}")
                 print_console(work)
+                print(f"image-test: {exc}")
                 return 1
             config = work / "instances.yml"
             config.write_text(yaml.safe_dump([{
                 "instance": "stockade-image-vm", "ip": "127.0.0.1", "identity_file": str(key),
                 "backend": "ssh", "ports": ports}]))
-            argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+            argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rfE",
                     "--rootdir", str(MOLECULE), "-m", "not direct_network",
                     *(f"--deselect={d}" for d in DESELECT),
                     *map(str, SUITES), *args.pytest_args]
             env = {**os.environ, "MOLECULE_INSTANCE_CONFIG": str(config),
                    "STOCKADE_IMAGE_MANIFEST": str((args.image_dir / "manifest.json").resolve())}
-            passed = subprocess.run(argv, env=env, check=False).returncode == 0
-            if not passed:
+            failed = run_tests(argv, env)
+            passed = not failed
+            if failed:
                 print_console(work)
+                # Last, where a step's tail shows it: what failed, not the console's end.
+                print("image-test: these failed (their output is above the console):")
+                print("\n".join(f"  {line}" for line in failed))
             shutdown(key, ports[22], qemu)
     finally:
         shutil.rmtree(work, ignore_errors=True)
