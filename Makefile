@@ -177,6 +177,7 @@ lint: install-test ## ruff, mypy, ansible-lint (production profile), packer vali
 bench: test-packages install ## Latency, throughput and memory vs bare interpreter spawns (not a test).
 	$(BIN)/python bench/bench_sandbox.py
 	$(BIN)/python bench/bench_http.py
+	$(BIN)/python bench/bench_neighbours.py
 	$(BIN)/python bench/bench_layers.py
 
 soak: install ## 10 minutes of mixed good and hostile load; checks nothing grows (not in CI).

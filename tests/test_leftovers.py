@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from stockade.sandbox import client
 from stockade.sandbox.cgroups import CgroupDriver
 from stockade.sandbox.zygote import EXIT_UNCLEAN
 from support.leftovers import host_processes_of, leftovers_seen
@@ -73,7 +74,15 @@ def test_a_zygote_that_cannot_prove_a_run_gone_exits(
     """Fail closed: the answer goes out, then the zygote exits rather than serve again."""
     box = weak_sandbox("unreapable")
     assert box.run("print(1)").status == "ok"
+    assert not client.await_idle(box.sock, 30)  # no Idle: its end of the connection closes
     proc = box.process.proc
     assert proc is not None
     assert proc.wait(timeout=30) == EXIT_UNCLEAN
-    assert box.sock.recv(1) == b""  # its end of the connection is closed
+
+
+def test_the_zygote_says_idle_once_each_run_is_proven_gone(sandbox: Sandbox) -> None:
+    """A failed program, a killed one and a clean one: each report is followed by Idle."""
+    for code, status in (("raise SystemExit(3)", "runtime_error"),
+                         ("while True: pass", "time_limit"), ("print(1)", "ok")):
+        assert sandbox.run(code, cpu_time_s=0.5).status == status
+        assert client.await_idle(sandbox.sock, 10), code

@@ -1,5 +1,5 @@
 """nginx in front of the runner: a slowloris client is cut off at ~10 s while everyone
-else is served.
+else is served; large bodies wait on disk; request ids pass through.
 
 client_header_timeout bounds the whole header, so a header dribbled a byte at a time is
 cut at 10 s. client_body_timeout bounds the gap between two reads, so a stalled body is
@@ -10,11 +10,13 @@ and never reaches the runner (nginx buffers the whole request first).
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-from stockade.runner.local import NginxProcess
+from stockade.runner.local import NginxProcess, request
 
 
 def dribble(port: int, opening: bytes, then: bytes) -> float:
@@ -59,3 +61,31 @@ def test_slow_headers_and_slow_body_are_cut_off_while_others_are_served(
     assert 9.0 <= header_s <= 14.0, header_s
     assert 9.0 <= body_s <= 14.0, body_s
     assert len(served) >= 5 and set(served) == {"served\n"}
+
+
+def test_a_body_past_a_small_buffer_waits_on_disk_not_in_memory(nginx: NginxProcess) -> None:
+    """A slow client's large body cannot pin nginx's memory: past 16 KiB it is on disk."""
+    error_log = Path(nginx.dir.name) / "error.log"
+    before = error_log.read_text().count("buffered to a temporary file")
+    small = nginx.post("/v1/runs", {"code": "print(1)"})
+    assert small.status == 200
+    assert error_log.read_text().count("buffered to a temporary file") == before
+    padded = nginx.post("/v1/runs", {"code": "print(2)\n" + "#" * (64 << 10)})
+    assert padded.status == 200 and padded.result().stdout == "2\n"
+    assert error_log.read_text().count("buffered to a temporary file") == before + 1
+
+
+def test_nginx_passes_the_request_id_through_and_answers_its_own_errors_with_one(
+        nginx: NginxProcess) -> None:
+    mine = request(nginx.port, "GET", "/healthz", headers={"X-Request-Id": "trace-7"})
+    assert mine.status == 200 and mine.headers["x-request-id"] == "trace-7"
+    # nginx's own 413: the body never reaches the runner, the answer still has an id.
+    too_big = nginx.post("/v1/runs", b"x" * ((nginx.runner.max_body_kib + 1) << 10))
+    assert too_big.status == 413
+    assert re.fullmatch(r"[0-9a-f]{32}", too_big.headers["x-request-id"])
+    access_log = Path(nginx.dir.name) / "access.log"
+    wanted = ["id=trace-7", f"id={too_big.headers['x-request-id']}"]
+    deadline = time.monotonic() + 10  # nginx logs a refused body once it has drained it
+    while not all(w in access_log.read_text() for w in wanted):
+        assert time.monotonic() < deadline, access_log.read_text()
+        time.sleep(0.1)

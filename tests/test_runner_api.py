@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
-from stockade.runner.local import Client, NginxProcess, RunnerProcess
+from stockade.runner.local import Client, NginxProcess, RunnerProcess, request
 
 
 @pytest.fixture(params=["direct", "nginx"])
@@ -208,3 +217,60 @@ def test_piston_errors_use_pistons_shape(runner: RunnerProcess) -> None:
     assert answer.status == 400 and "runtime is unknown" in answer.json()["message"]
     empty = runner.post("/api/v2/execute", {"language": "python", "files": []})
     assert empty.status == 400 and empty.json()["message"]
+
+
+def test_every_answer_carries_a_request_id_and_errors_quote_it(api: Client) -> None:
+    mine = request(api.port, "POST", "/v1/runs", b'{"code": "print(1)"}',
+                   headers={"Content-Type": "application/json", "X-Request-Id": "client-42.a"})
+    assert mine.status == 200 and mine.headers["x-request-id"] == "client-42.a"
+    refused = request(api.port, "POST", "/v1/runs", b"{",
+                      headers={"X-Request-Id": "not one\tof ours " + "x" * 200})
+    made = refused.headers["x-request-id"]
+    assert refused.status == 400 and re.fullmatch(r"[0-9a-f]{24,32}", made), made
+    assert refused.json()["error"]["request_id"] == made
+    piston_error = request(api.port, "POST", "/api/v2/execute", b"[]",
+                           headers={"X-Request-Id": "p-1"})
+    assert piston_error.json() == {"message": piston_error.json()["message"],
+                                   "request_id": "p-1"}
+    ids = {request(api.port, "GET", "/healthz").headers["x-request-id"] for _ in range(3)}
+    assert len(ids) == 3
+
+
+def test_an_internal_error_says_only_its_request_id_and_the_log_has_the_detail(
+        runner: RunnerProcess) -> None:
+    """A zygote killed mid-run is stockade's failure: the client learns that and an id,
+    not the internals; the runner's log has both."""
+    runner.wait_for_full_pool(runner.config.containers)
+    code = "import time\nopen('doomed-marker', 'w').close()\ntime.sleep(30)"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        answer = pool.submit(request, runner.port, "POST", "/v1/runs",
+                             msgspec.json.encode({"code": code}),
+                             headers={"X-Request-Id": "doomed-1"})
+        os.kill(_zygote_of_the_run_that_wrote(runner, "doomed-marker"), signal.SIGKILL)
+        result = answer.result(timeout=60)
+    body = result.json()
+    assert result.status == 200 and body["status"] == "internal_error", body
+    assert body["message"] == ("stockade failed to run this (not the program's fault); "
+                               "request id doomed-1")
+    log = runner.log()
+    assert "request doomed-1: internal error:" in log, log
+
+
+def _zygote_of_the_run_that_wrote(runner: RunnerProcess, marker: str) -> int:
+    """The zygote (its container's init) above the process whose workdir holds `marker`."""
+    zygotes = {int(subprocess.run(["lxc-info", "-P", runner.config.lxc_path, "-n", name, "-p",
+                                   "-H"], capture_output=True, text=True, check=True).stdout)
+               for name in runner.containers()}
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            with contextlib.suppress(OSError):
+                if entry.name.isdigit() and (entry / "cwd" / marker).exists():
+                    pid = int(entry.name)
+                    while pid > 1 and pid not in zygotes:
+                        status = Path(f"/proc/{pid}/status").read_text()
+                        pid = int(status.split("PPid:")[1].split()[0])
+                    if pid in zygotes:
+                        return pid
+        time.sleep(0.1)
+    raise AssertionError(f"no run wrote {marker}")

@@ -1,5 +1,5 @@
-"""The pool under load and abuse: concurrency, dirty containers recycled while clean runs
-go on, admission control."""
+"""The pool under load and abuse: concurrency, containers kept through failed programs and
+replaced on evidence while clean runs go on, admission control."""
 
 from __future__ import annotations
 
@@ -44,13 +44,15 @@ def test_64_concurrent_requests_through_nginx(nginx: NginxProcess,
 def test_clean_runs_go_on_while_dirty_containers_are_replaced(runner: RunnerProcess) -> None:
     wait_for_full_pool(runner)
     recycled = metric(runner, "stockade_pool_recycled_total")
-    bomb = runner.run("import os\nwhile True: os.fork()", processes=32)
-    oom = runner.run("b = bytearray(300 << 20)", memory_mib=64)
-    assert (bomb.status, oom.status) == ("runtime_error", "memory_limit")
+    # A signal the zygote did not send is the evidence that retires a container.
+    signaled = [runner.run("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)")
+                for _ in range(2)]
+    assert [r.status for r in signaled] == ["signaled"] * 2, [r.message for r in signaled]
     for i in range(10):  # the pool refills in the background; these must not fail
         result = runner.run(f"print({i})")
         assert (result.status, result.stdout) == ("ok", f"{i}\n"), result.message
     assert metric(runner, "stockade_pool_recycled_total") >= recycled + 2
+    assert metric(runner, 'stockade_recycles_total{reason="signaled"}') >= 2
     wait_for_full_pool(runner)
     assert metric(runner, "stockade_pool_last_recycle_seconds") > 0
 
@@ -69,13 +71,22 @@ def test_runs_naming_a_preloaded_module_get_a_container_that_preloaded_it(
     assert (helper.status, helper.stdout) == ("ok", "5\n"), helper.stderr
 
 
-def test_a_dirty_container_is_replaced_and_a_clean_one_kept(runner: RunnerProcess) -> None:
+def test_a_failed_program_keeps_its_container_and_a_foreign_signal_does_not(
+        runner: RunnerProcess) -> None:
+    """A program's own failure, a limit it hit, even a fork bomb: its zygote proved it gone,
+    so the container serves on. A signal nobody in stockade sent retires it."""
     wait_for_full_pool(runner)
     before = set(runner.containers())
-    assert runner.run("print(1)").status == "ok"
+    failures = [runner.run("raise SystemExit(1)"), runner.run("1/0"),
+                runner.run("while True: pass", cpu_time_s=0.5),
+                runner.run("b = bytearray(300 << 20)", memory_mib=64),
+                runner.run("import os\nwhile True: os.fork()", processes=32),
+                runner.run("print(1)")]
+    assert [r.status for r in failures] == ["runtime_error", "runtime_error", "time_limit",
+                                            "memory_limit", "runtime_error", "ok"], failures
     wait_for_full_pool(runner)
-    assert set(runner.containers()) == before, "a clean run must keep its container"
-    assert runner.run("raise SystemExit(1)").status == "runtime_error"
+    assert set(runner.containers()) == before, "a failed program must keep its container"
+    assert runner.run("import os\nos.abort()").status == "signaled"
     wait_for_full_pool(runner)
     after = set(runner.containers())
     assert len(before - after) == 1 and len(after) == runner.config.containers, (before, after)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,12 @@ import msgspec
 import pytest
 
 from stockade.limits import LimitsIn
+from stockade.result import Result, Status
 from stockade.runner.config import FULL, LEAN, RunnerConfig, kind_for
 from stockade.runner.front import nginx, piston, schema
+from stockade.runner.front.api import retire_reason
 from stockade.runner.front.metrics import Metrics
-from stockade.runner.front.pool_client import connect_trusted
+from stockade.runner.front.pool_client import Lease, connect_trusted
 from stockade.runner.manager.apparmor import PROFILE as APPARMOR_PROFILE
 from stockade.runner.manager.containers import ContainerError, apparmor_profile
 
@@ -173,3 +176,26 @@ def test_the_front_refuses_a_socket_served_by_another_uid(tmp_path: Path) -> Non
         os.chown(path, 12345, 12345)
         with pytest.raises(PermissionError, match="served by uid 0, not 12345"):
             connect_trusted(str(path), owner_uid=12345)
+
+
+@pytest.mark.parametrize(("status", "runs", "age_s", "reason"), [
+    ("ok", 1, 0, None),
+    ("runtime_error", 1, 0, None),
+    ("time_limit", 1, 0, None),
+    ("memory_limit", 1, 0, None),
+    ("signaled", 1, 0, "signaled"),
+    ("internal_error", 1, 0, "internal_error"),
+    ("ok", 5, 0, "runs"),
+    ("runtime_error", 2, 61, "age"),
+])
+def test_a_container_retires_on_evidence_or_age_never_for_a_failed_program(
+        status: str, runs: int, age_s: float, reason: str | None) -> None:
+    config = RunnerConfig(pool_size=1, lean_pool_size=0, recycle_after_runs=5,
+                          recycle_after_s=60)
+    lease = Lease("c", FULL, "/nowhere", connection=socket.socket(socket.AF_UNIX), runs=runs,
+                  since=time.monotonic() - age_s)
+    try:
+        assert retire_reason(config, lease, Result(status=Status(status))) == reason
+        assert retire_reason(config, lease, None) == "internal_error"  # no result at all
+    finally:
+        lease.close()

@@ -62,6 +62,11 @@ class Report(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="repor
     outcome: Outcome
 
 
+class Idle(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="idle"):
+    """Zygote to client, after each report: the run is proven gone (reaped, its cgroup
+    empty) and the next may come. A zygote that cannot prove it exits instead."""
+
+
 class Go(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="go"):
     """Zygote to a waiting run: start now, with these limits."""
 
@@ -85,10 +90,11 @@ class OutboxContent(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 ClientMessage = Start | Cancel
+ZygoteMessage = Report | Idle
 T = TypeVar("T")
 
 _client_decoder = msgspec.json.Decoder(ClientMessage)
-_report_decoder = msgspec.json.Decoder(Report)
+_zygote_decoder = msgspec.json.Decoder(ZygoteMessage)
 _go_decoder = msgspec.json.Decoder(Go)
 _payload_decoder = msgspec.msgpack.Decoder(Payload)
 _outbox_decoder = msgspec.msgpack.Decoder(OutboxContent)
@@ -119,8 +125,9 @@ def decode_client(raw: bytes) -> ClientMessage:
     return message
 
 
-def decode_report(raw: bytes) -> Report:
-    return _decode(_report_decoder, raw)
+def decode_zygote(raw: bytes) -> ZygoteMessage:
+    message: ZygoteMessage = _decode(_zygote_decoder, raw)
+    return message
 
 
 def decode_go(raw: bytes) -> Go:

@@ -32,6 +32,12 @@ class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Requests that may wait for a container; past it the answer is 503 + Retry-After.
     queue_limit: int = 32
     queue_timeout_s: float = 10.0
+    # A container serves run after run: its zygote proves each run gone (reaped, its
+    # cgroup empty) or exits, so a failed program is no reason to replace it. These bound
+    # what no check sees (a layout or state learned by one run and reused by a later one):
+    # replaced after this many runs or seconds, whichever comes first (docs/runner.md).
+    recycle_after_runs: int = 1000
+    recycle_after_s: float = 900.0
     limits: LimitPolicy = LimitPolicy()
     max_body_kib: int = 4096
     max_files: int = 64
@@ -58,7 +64,8 @@ class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        positive = ("port", "pool_size", "queue_limit", "queue_timeout_s", "max_body_kib",
+        positive = ("port", "pool_size", "queue_limit", "queue_timeout_s",
+                    "recycle_after_runs", "recycle_after_s", "max_body_kib",
                     "max_files", "max_file_kib", "max_out_files", "max_out_kib",
                     "idmap_base", "idmap_size", "container_cpus", "drain_timeout_s")
         for name in positive:

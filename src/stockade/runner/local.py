@@ -198,9 +198,11 @@ class NginxProcess(Client):
 
     def __init__(self, runner: RunnerConfig, port: int) -> None:
         super().__init__(port)
+        self.runner = runner
         self.dir = tempfile.TemporaryDirectory(prefix="stockade-nginx-local-")
         root = Path(self.dir.name)
-        site = nginx.render(runner, listen=f"127.0.0.1:{port}")
+        root.chmod(0o711)  # nginx's workers (nobody) reach the body temp dir the master makes
+        site = nginx.render(runner, listen=f"127.0.0.1:{port}", access_log=f"{root}/access.log")
         (root / "stockade.conf").write_text(site)
         (root / "nginx.conf").write_text(f"""
 daemon off;

@@ -176,9 +176,10 @@ def _collect(sock: socket.socket, streams: dict[int, Capture], limits: Limits) -
                     return Outcome(error="the sandbox did not answer in time")
                 for key, _ in sel.select(timeout):
                     if key.fileobj is sock:
-                        sel.unregister(sock)
                         outcome = _read_report(sock)
-                        deadline = time.monotonic() + EOF_GRACE_S
+                        if outcome is not None:  # not the previous run's Idle
+                            sel.unregister(sock)
+                            deadline = time.monotonic() + EOF_GRACE_S
                         continue
                     capture = streams[key.fd]
                     chunk = os.read(key.fd, READ_CHUNK)
@@ -197,7 +198,8 @@ def _collect(sock: socket.socket, streams: dict[int, Capture], limits: Limits) -
     return outcome
 
 
-def _read_report(sock: socket.socket) -> Outcome:
+def _read_report(sock: socket.socket) -> Outcome | None:
+    """The run's outcome; None for an Idle left from the connection's previous run."""
     try:
         raw, _ = protocol.receive(sock)
     except (OSError, protocol.ProtocolError) as exc:
@@ -205,6 +207,21 @@ def _read_report(sock: socket.socket) -> Outcome:
     if not raw:
         return Outcome(error="the sandbox closed the connection")
     try:
-        return protocol.decode_report(raw).outcome
+        message = protocol.decode_zygote(raw)
     except protocol.ProtocolError as exc:
         return Outcome(error=str(exc))
+    return None if isinstance(message, protocol.Idle) else message.outcome
+
+
+def await_idle(sock: socket.socket, timeout_s: float) -> bool:
+    """After a run's report: whether the zygote proved the run gone and takes the next
+    within `timeout_s`. False if it hung up (it could not), said anything else, or is late."""
+    try:
+        sock.settimeout(timeout_s)
+        raw, _ = protocol.receive(sock)
+        return bool(raw) and isinstance(protocol.decode_zygote(raw), protocol.Idle)
+    except (OSError, protocol.ProtocolError):
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(None)

@@ -96,28 +96,35 @@ class Zygote:
     def _serve_connection(self, conn: socket.socket) -> None:
         while True:
             self._prewarm()
+            outcome: Outcome | None
             try:
                 raw, fds = protocol.receive(conn, max_fds=len(protocol.START_FDS))
             except protocol.ProtocolError as exc:
-                protocol.send(conn, protocol.Report(Outcome(error=str(exc))))
-                continue
+                outcome = Outcome(error=str(exc))
             except OSError:
                 return
-            if not raw:
-                return
-            try:
-                outcome = self._handle(conn, raw, fds)
-            finally:
-                for fd in fds:
-                    os.close(fd)
-            if outcome is None:
-                continue
+            else:
+                if not raw:
+                    return
+                try:
+                    outcome = self._handle(conn, raw, fds)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+                if outcome is None:
+                    continue
+            # The report first, so the client has it while the run is reaped; then Idle,
+            # once the run is proven gone (or the zygote exits: UncleanRun).
             try:
                 protocol.send(conn, protocol.Report(outcome))
             except OSError:
-                return
-            finally:
                 self._release_finished()
+                return
+            self._release_finished()
+            try:
+                protocol.send(conn, protocol.Idle())
+            except OSError:
+                return
 
     def _handle(self, conn: socket.socket, raw: bytes, fds: list[int]) -> Outcome | None:
         try:

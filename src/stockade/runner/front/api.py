@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,8 @@ from stockade.runner.front.schema import ApiError
 from stockade.sandbox import client
 
 RETRY_AFTER_S = 1
+# How long a zygote may take to prove a finished run gone (its own reap waits up to 5 s).
+IDLE_TIMEOUT_S = 10.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,21 @@ def _run_on(lease: Lease, owner_uid: int, job: client.Job, limits: Limits,
         except OSError as exc:
             return client.internal_error(f"cannot reach the container's zygote: {exc}")
     return client.run(lease.connection, job, limits, outputs)
+
+
+def retire_reason(config: RunnerConfig, lease: Lease, result: Result | None) -> str | None:
+    """Why the container that gave `result` (None: no result at all) must not serve again,
+    if it must not. A program that failed, hit a limit or was cancelled is no such reason:
+    its zygote proves every run gone before it says Idle, and exits when it cannot."""
+    if result is None or result.status == Status.INTERNAL_ERROR or lease.connection is None:
+        return "internal_error"
+    if result.status == Status.SIGNALED:  # a signal the zygote did not send: someone else's
+        return "signaled"
+    if lease.runs >= config.recycle_after_runs:
+        return "runs"
+    if time.monotonic() - lease.since >= config.recycle_after_s:
+        return "age"
+    return None
 
 
 class Runs:
@@ -93,23 +111,44 @@ class Runs:
         return result
 
     async def _acquire_live(self, kind: str) -> Lease:
-        """A container whose zygote is still there: one that hung up goes back dirty, to
-        be replaced, and the next is taken. (A run sent while a zygote is still deciding
-        that it must exit gets an internal_error; only an unclean run opens that window.)"""
+        """A container whose zygote is still there. A lease comes back only after its
+        zygote's Idle, so one that hung up since (its container was stopped) is all this
+        catches: it goes back to be replaced, and the next is taken."""
         while True:
             lease = await self.pool.acquire(kind)
             if not lease.hung_up():
                 return lease
-            log.warning(f"the zygote of {lease.name} hung up while idle; replacing it")
-            self.pool.release(lease, dirty=True)
+            self._recycle(lease, "hung_up")
 
     def _ended(self, lease: Lease, done: asyncio.Future[Result]) -> None:
-        clean = (not done.cancelled() and done.exception() is None
-                 and done.result().status == Status.OK)
-        self.pool.release(lease, dirty=not clean)
         self.metrics.in_flight -= 1
         if self.metrics.in_flight == 0:
             self.idle.set()
+        lease.runs += 1
+        result = None if done.cancelled() or done.exception() is not None else done.result()
+        reason = retire_reason(self.config, lease, result)
+        if reason is None and lease.connection is not None:
+            try:
+                waiting = asyncio.get_running_loop().run_in_executor(
+                    self.threads, client.await_idle, lease.connection, IDLE_TIMEOUT_S)
+            except RuntimeError:  # draining: the threads are gone
+                reason = "draining"
+            else:
+                waiting.add_done_callback(lambda idle: self._idle(lease, idle))
+                return
+        self._recycle(lease, reason or "internal_error")
+
+    def _idle(self, lease: Lease, idle: asyncio.Future[bool]) -> None:
+        if not idle.cancelled() and idle.exception() is None and idle.result():
+            self.pool.release(lease, dirty=False)
+        else:
+            self._recycle(lease, "not_idle")
+
+    def _recycle(self, lease: Lease, reason: str) -> None:
+        if reason not in {"runs", "age"}:
+            log.warning(f"replacing {lease.name} after {lease.runs} runs: {reason}")
+        self.metrics.recycles[reason] += 1
+        self.pool.release(lease, dirty=True)
 
     async def drain(self, timeout_s: float) -> bool:
         with contextlib.suppress(TimeoutError):
@@ -127,6 +166,18 @@ HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_
 
 
 @web.middleware
+async def request_ids(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every answer carries an X-Request-Id: the client's, when it is a sane one, else
+    a new one. Error bodies and the log name it, so a user's report can be found."""
+    given = request.headers.get("X-Request-Id", "")
+    request_id = given if schema.REQUEST_ID.fullmatch(given) else secrets.token_hex(12)
+    request["request_id"] = request_id
+    response = await handler(request)
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
+@web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure leaves as the documented error shape (Piston's on Piston's routes)."""
     try:
@@ -140,12 +191,15 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             f"the body is over the {request.app['config'].max_body_kib} KiB cap")
         error = ApiError(exc.status, HTTP_ERROR_CODES.get(exc.status, "http_error"), message)
     except Exception:
-        log.exception(f"internal error on {request.method} {request.path}")
-        error = ApiError(500, "internal_error", "stockade failed; the runner's log says why")
+        log.exception(f"request {request['request_id']}: internal error on {request.method} "
+                      f"{request.path}")
+        error = ApiError(500, "internal_error", "stockade failed; the runner's log has the "
+                         "detail under this request id")
     headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status == 503 else None
     if request.path.startswith("/api/v2/"):
-        return _json(piston.PistonError(error.message), error.status, headers)
-    detail = schema.ErrorDetail(error.code, error.message, error.field)
+        return _json(piston.PistonError(error.message, request["request_id"]), error.status,
+                     headers)
+    detail = schema.ErrorDetail(error.code, error.message, error.field, request["request_id"])
     return _json(schema.ErrorBody(detail), error.status, headers)
 
 
@@ -159,7 +213,7 @@ class Api:
         self.python_version = python_version
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[errors],
+        app = web.Application(middlewares=[request_ids, errors],
                               client_max_size=self.config.max_body_kib * 1024)
         app["config"] = self.config
         app.add_routes([
@@ -174,14 +228,22 @@ class Api:
         ])
         return app
 
-    async def _execute(self, request: schema.RunRequest) -> Result:
-        """Every run route's one path: the typed request becomes a job, then a result."""
+    async def _execute(self, request: schema.RunRequest, request_id: str) -> Result:
+        """Every run route's one path: the typed request becomes a job, then a result.
+        stockade's own failure is logged in full; the client gets a short message and the
+        request id, never the internals."""
         job, limits = schema.to_job(request, self.config)
-        return await self.runs.execute(job, limits)
+        result = await self.runs.execute(job, limits)
+        if result.status == Status.INTERNAL_ERROR:
+            log.error(f"request {request_id}: internal error: {result.message}")
+            result = msgspec.structs.replace(result, message=(
+                f"stockade failed to run this (not the program's fault); request id "
+                f"{request_id}"))
+        return result
 
     async def post_run(self, request: web.Request) -> web.Response:
         body = schema.decode(await request.read(), schema.RunRequest)  # language included
-        return _json(await self._execute(body))
+        return _json(await self._execute(body, request["request_id"]))
 
     def _language(self) -> schema.Language:
         return schema.Language(name=schema.LANGUAGE, version=self.python_version,
@@ -238,5 +300,6 @@ class Api:
 
     async def piston_execute(self, request: web.Request) -> web.Response:
         body = schema.decode(await request.read(), piston.PistonRequest)
-        result = await self._execute(piston.to_run_request(body, self.python_version))
+        result = await self._execute(piston.to_run_request(body, self.python_version),
+                                     request["request_id"])
         return _json(piston.to_response(result, self.python_version))

@@ -14,6 +14,7 @@ class Metrics:
     def __init__(self) -> None:
         self.runs: collections.Counter[str] = collections.Counter({s.value: 0 for s in Status})
         self.rejected: collections.Counter[str] = collections.Counter()
+        self.recycles: collections.Counter[str] = collections.Counter()
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
         self.latency_count = 0
@@ -34,6 +35,10 @@ class Metrics:
                   "# TYPE stockade_rejected_total counter"]
         lines += [f'stockade_rejected_total{{reason="{r}"}} {n}'
                   for r, n in sorted(self.rejected.items())]
+        lines += ["# HELP stockade_recycles_total Containers the front gave back to be "
+                  "replaced, by reason.", "# TYPE stockade_recycles_total counter"]
+        lines += [f'stockade_recycles_total{{reason="{r}"}} {n}'
+                  for r, n in sorted(self.recycles.items())]
         lines += ["# HELP stockade_run_seconds Time from admission to result, per run.",
                   "# TYPE stockade_run_seconds histogram"]
         cumulative = 0

@@ -8,12 +8,21 @@ import math
 import string
 
 from stockade.runner.config import RunnerConfig
+from stockade.runner.front.schema import REQUEST_ID
 
 TEMPLATE = string.Template("""\
 # stockade runner behind nginx. Rendered by `stockade nginx-config`; goes in the http
 # context (e.g. /etc/nginx/conf.d/stockade.conf).
 limit_conn_zone $$binary_remote_addr zone=stockade_per_client:10m;
 limit_req_zone $$binary_remote_addr zone=stockade_rate:10m rate=${rate}r/s;
+# The client's X-Request-Id when it is one the runner keeps, else nginx's own: the same id
+# reaches the runner, comes back on every answer (nginx's own errors too) and is logged.
+map $$http_x_request_id $$stockade_request_id {
+    "~^${request_id}$$" $$http_x_request_id;
+    default $$request_id;
+}
+log_format stockade '$$remote_addr [$$time_local] "$$request" $$status $$body_bytes_sent '
+                    '$$request_time id=$$stockade_request_id';
 
 upstream stockade_runner {
     server ${upstream};
@@ -30,9 +39,10 @@ server {
     client_body_timeout 10s;
     send_timeout 10s;
     keepalive_timeout 15s;
-    # The runner's own body cap, so an oversized body never reaches it.
+    # The runner's own body cap, so an oversized body never reaches it. A body past the
+    # small buffer waits on disk, so slow clients cannot pin memory with large bodies.
     client_max_body_size ${body_kib}k;
-    client_body_buffer_size ${body_kib}k;
+    client_body_buffer_size 16k;
     large_client_header_buffers 4 8k;
 
     limit_conn stockade_per_client ${connections};
@@ -40,8 +50,13 @@ server {
     limit_req zone=stockade_rate burst=${burst} nodelay;
     limit_req_status 503;
 
+    access_log ${access_log} stockade;
+    add_header X-Request-Id $$stockade_request_id always;
+
     location / {
         proxy_pass http://stockade_runner;
+        proxy_set_header X-Request-Id $$stockade_request_id;
+        proxy_hide_header X-Request-Id;
         proxy_http_version 1.1;
         proxy_set_header Connection "";
         proxy_set_header Host $$host;
@@ -57,9 +72,10 @@ server {
 
 
 def render(config: RunnerConfig, listen: str = "80", upstream: str | None = None, *,
-           connections: int = 64, rate: int = 200, burst: int = 400) -> str:
+           connections: int = 64, rate: int = 200, burst: int = 400,
+           access_log: str = "/var/log/nginx/access.log") -> str:
     read_timeout = math.ceil(config.limits.maximum.wall_time_s + config.queue_timeout_s + 10)
     return TEMPLATE.substitute(
         listen=listen, upstream=upstream or f"{config.host}:{config.port}",
         body_kib=config.max_body_kib, connections=connections, rate=rate, burst=burst,
-        read_timeout=read_timeout)
+        read_timeout=read_timeout, request_id=REQUEST_ID.pattern, access_log=access_log)

@@ -51,7 +51,7 @@ def _document(limits: bytes) -> dict[str, Any]:
     text = {"description": "Prometheus text format",
             "content": {"text/plain": {"schema": {"type": "string"}}}}
     status = {"type": "object", "additionalProperties": True}
-    return {
+    document = {
         "openapi": "3.1.0",
         "info": {"title": "stockade", "version": __version__,
                  "description": "Run untrusted Python in confined, warm LXC sandboxes. "
@@ -79,6 +79,26 @@ def _document(limits: bytes) -> dict[str, Any]:
         },
         "components": {"schemas": _with_limit_ranges(components, limits)},
     }
+    return _with_request_ids(document)
+
+
+def _with_request_ids(document: dict[str, Any]) -> dict[str, Any]:
+    """X-Request-Id on every operation (optional) and on every answer (always)."""
+    id_schema = {"type": "string", "pattern": f"^{schema.REQUEST_ID.pattern}$"}
+    document["components"]["parameters"] = {"RequestId": {
+        "name": "X-Request-Id", "in": "header", "required": False, "schema": id_schema,
+        "description": "Your id for this request, kept if it matches the pattern; "
+                       "otherwise the runner makes one."}}
+    document["components"]["headers"] = {"RequestId": {
+        "required": True, "schema": {"type": "string"},
+        "description": "This request's id: in the runner's log and in every error body."}}
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            operation["parameters"] = [{"$ref": "#/components/parameters/RequestId"}]
+            for answer in operation["responses"].values():
+                answer.setdefault("headers", {})["X-Request-Id"] = {
+                    "$ref": "#/components/headers/RequestId"}
+    return document
 
 
 def _with_limit_ranges(components: dict[str, Any], limits: bytes) -> dict[str, Any]:

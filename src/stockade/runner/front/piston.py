@@ -70,6 +70,7 @@ class PistonRuntime(msgspec.Struct, frozen=True):
 
 class PistonError(msgspec.Struct, frozen=True):
     message: str
+    request_id: str | None = None  # beyond Piston's shape; Piston's clients ignore it
 
 
 

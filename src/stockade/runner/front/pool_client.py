@@ -13,6 +13,7 @@ import select
 import socket
 import stat
 import struct
+import time
 from dataclasses import dataclass, field
 
 from stockade.runner.channel import (
@@ -61,6 +62,8 @@ class Lease:
     kind: str
     socket_path: str
     connection: socket.socket | None = field(default=None, repr=False)
+    runs: int = 0  # runs this container has served
+    since: float = field(default_factory=time.monotonic)  # when the front first got it
 
     def hung_up(self) -> bool:
         """Whether the zygote closed its end while the container was idle (it exits when

@@ -37,6 +37,11 @@ class ErrorDetail(msgspec.Struct, frozen=True):
     code: str
     message: str
     field: str | None = None
+    request_id: str | None = None  # the answer's X-Request-Id: quote it to the operator
+
+
+# A client's X-Request-Id is kept if it is 1-128 of these; otherwise the front makes one.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 
 class ErrorBody(msgspec.Struct, frozen=True):
