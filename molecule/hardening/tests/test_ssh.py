@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 import testinfra.host
 
@@ -15,6 +18,9 @@ EFFECTIVE = [
     ("ssh-empty-passwords", "permitemptypasswords", "no"),
     ("ssh-root-login", "permitrootlogin", "without-password"),
     ("ssh-pubkey", "pubkeyauthentication", "yes"),
+    ("ssh-rsa-size", "requiredrsasize", "3072"),
+    ("ssh-pubkey-algorithms", "pubkeyacceptedalgorithms",
+     "ssh-ed25519,sk-ssh-ed25519@openssh.com,rsa-sha2-512,rsa-sha2-256"),
     ("ssh-tcp-forwarding", "allowtcpforwarding", "no"),
     ("ssh-agent-forwarding", "allowagentforwarding", "no"),
     ("ssh-streamlocal-forwarding", "allowstreamlocalforwarding", "no"),
@@ -77,3 +83,22 @@ def test_port_forwarding_is_refused(instance: Instance) -> None:
                         "-W", "127.0.0.1:22")
     assert done.returncode == 255
     assert "administratively prohibited" in done.stderr
+
+
+def test_a_short_rsa_key_is_refused_even_when_authorized(host: testinfra.host.Host,
+                                                         instance: Instance,
+                                                         tmp_path: Path) -> None:
+    """Behaviour: a 2048-bit RSA key in root's authorized_keys still does not get in."""
+    key = tmp_path / "short_rsa"
+    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-C",
+                    "short-rsa-test", "-f", str(key)], check=True)
+    line = key.with_suffix(".pub").read_text().strip()
+    keys = "/root/.ssh/authorized_keys"
+    host.run(f"echo '{line}' >> {keys}")
+    try:
+        done = instance.ssh("true", "-o", "IdentitiesOnly=yes", "-o", "LogLevel=INFO",
+                            key=key)
+        assert done.returncode == 255 and "Permission denied" in done.stderr, done.stderr
+    finally:
+        host.run(f"sed -i '/short-rsa-test$/d' {keys}")
+    assert "short-rsa-test" not in host.file(keys).content_string

@@ -11,6 +11,9 @@ NETNS_PREFIXES = ("net.ipv4.", "net.ipv6.")
 
 # (id, key, expected): the ids are the ones in roles/hardening/defaults/main.yml.
 SYSCTL = [
+    ("sysctl-unprivileged-userns-clone", "kernel.unprivileged_userns_clone", 0),
+    ("sysctl-mmap-rnd-bits", "vm.mmap_rnd_bits", 32),
+    ("sysctl-mmap-rnd-compat-bits", "vm.mmap_rnd_compat_bits", 16),
     ("sysctl-protected-hardlinks", "fs.protected_hardlinks", 1),
     ("sysctl-protected-symlinks", "fs.protected_symlinks", 1),
     ("sysctl-protected-fifos", "fs.protected_fifos", 2),
@@ -65,7 +68,7 @@ def written(host: testinfra.host.Host) -> dict[str, str]:
     for line in host.file(FILE).content_string.splitlines():
         key, sep, value = line.partition("=")
         if sep and not line.lstrip().startswith("#"):
-            values[key.strip()] = value.strip()
+            values[key.strip().removeprefix("-")] = value.strip()  # "-": where the kernel has it
     return values
 
 
@@ -97,3 +100,14 @@ def test_no_file_in_sysctl_d_undoes_a_value(host: testinfra.host.Host) -> None:
                 keys = {line.split("=")[0].strip() for line in
                         path.content_string.splitlines() if "=" in line}
                 assert not keys & ours, f"{path.path} sets {keys & ours} after us"
+
+
+def test_only_root_may_create_a_user_namespace(host: testinfra.host.Host) -> None:
+    """Behaviour of kernel.unprivileged_userns_clone=0: an ordinary user's unshare -U is
+    refused; root's (LXC starting the pool) still works."""
+    if in_container(host):
+        pytest.skip("user namespaces are the host kernel's, not a container's to set; "
+                    "`make image-test` checks this on a booted VM")
+    refused = host.run("runuser -u nobody -- unshare --user true")
+    assert refused.rc != 0 and "Operation not permitted" in refused.stderr, refused.stderr
+    assert host.run("unshare --user true").rc == 0
