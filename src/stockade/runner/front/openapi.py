@@ -84,11 +84,13 @@ def _document(limits: bytes) -> dict[str, Any]:
 
 def _with_request_ids(document: dict[str, Any]) -> dict[str, Any]:
     """X-Request-Id on every operation (optional) and on every answer (always)."""
-    id_schema = {"type": "string", "pattern": f"^{schema.REQUEST_ID.pattern}$"}
+    # Any value is accepted (an unusable one is replaced, never refused), so the schema
+    # has no pattern: the description says which ids are kept.
     document["components"]["parameters"] = {"RequestId": {
-        "name": "X-Request-Id", "in": "header", "required": False, "schema": id_schema,
-        "description": "Your id for this request, kept if it matches the pattern; "
-                       "otherwise the runner makes one."}}
+        "name": "X-Request-Id", "in": "header", "required": False,
+        "schema": {"type": "string"},
+        "description": "Your id for this request, kept if it matches "
+                       f"^{schema.REQUEST_ID.pattern}$; otherwise the runner makes one."}}
     document["components"]["headers"] = {"RequestId": {
         "required": True, "schema": {"type": "string"},
         "description": "This request's id: in the runner's log and in every error body."}}
