@@ -157,3 +157,21 @@ def test_saved_files_never_leave_the_directory_or_follow_links(tmp_path: Path) -
     with pytest.raises(remote.RemoteError, match="invalid base64"):
         remote.save_files([OutFile(name="x", content="!!", encoding="base64")], out)
     assert list(target.iterdir()) == [] and not (tmp_path / "escape").exists()
+
+
+def test_check_config_refuses_a_pool_that_overcommits_the_host(tmp_path: Path) -> None:
+    host_mib = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
+    config = tmp_path / "runner.json"
+    config.write_text(json.dumps({"pool_memory_mib": host_mib}))
+    done = stockade("check-config", str(config))
+    assert done.returncode == 2 and done.stderr.decode().count("\n") == 1, done.stderr
+    assert f"more than this host's {host_mib} MiB less the 1024 MiB reserve" in \
+        done.stderr.decode()
+    config.write_text(json.dumps({"memory_reserve_mib": host_mib - 1000}))
+    done = stockade("check-config", str(config))
+    assert done.returncode == 2 and b"less than one container's cap" in done.stderr
+    config.write_text(json.dumps({"pool_memory_mib": 2048}))
+    done = stockade("check-config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["pool_memory_mib"] == 2048
+    assert b"memory cap on this host: 2048 MiB" in done.stderr

@@ -70,13 +70,14 @@ def test_a_run_is_confined_inside_its_container(runner: RunnerProcess) -> None:
     code = ("import os\n"
             "status = dict(l.split(':', 1) for l in open('/proc/self/status'))\n"
             "print(os.getuid(), status['Seccomp'].strip(), status['NoNewPrivs'].strip(),"
-            " status['CapEff'].strip(), os.uname().nodename, sorted(os.listdir('/sys/class/net')"
-            " if os.path.isdir('/sys/class/net') else []))")
+            " status['CapEff'].strip(), os.uname().nodename,"
+            " open('/proc/self/oom_score_adj').read().strip(),"
+            " sorted(os.listdir('/sys/class/net') if os.path.isdir('/sys/class/net') else []))")
     result = runner.run(code)
     assert result.status == "ok", result.stderr
-    uid, seccomp, nnp, cap_eff, host, _ = result.stdout.split(" ", 5)
-    assert (uid, seccomp, nnp, cap_eff, host) == ("61000", "2", "1", "0000000000000000",
-                                                  "sandbox")
+    uid, seccomp, nnp, cap_eff, host, oom, _ = result.stdout.split(" ", 6)
+    assert (uid, seccomp, nnp, cap_eff, host, oom) == ("61000", "2", "1", "0000000000000000",
+                                                       "sandbox", "1000")
 
 
 def test_preloaded_pandas_runs(runner: RunnerProcess) -> None:

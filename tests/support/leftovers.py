@@ -10,6 +10,7 @@ from pathlib import Path
 
 from stockade.runner.config import RunnerConfig
 from stockade.runner.manager.containers import Containers
+from stockade.runner.manager.lxc_cgroups import pool_cgroup
 from support.sandbox import Sandbox
 
 
@@ -22,15 +23,19 @@ def runner_leftovers(config: RunnerConfig) -> list[str]:
     if Path(config.run_dir).exists():
         found.append(f"run dir {config.run_dir}")
     prefix = config.container_prefix
+    pool = pool_cgroup(prefix)
     for hierarchy in Path("/sys/fs/cgroup").iterdir():
         for parent in (hierarchy, *(p for p in hierarchy.glob("*") if p.is_dir())):
             found += [f"cgroup {p}" for p in parent.glob(f"lxc.*.{prefix}*")]
+            found += [f"cgroup {p}" for p in (parent / pool, parent / f"{pool}.monitor")
+                      if p.is_dir()]
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if f"lxc.payload.{prefix}" in (proc / "cgroup").read_text():
-                found.append(f"process {proc.name}")
+            cgroups = (proc / "cgroup").read_text()
         except OSError:
             continue
+        if f"lxc.payload.{prefix}" in cgroups or f":/{pool}/" in cgroups:
+            found.append(f"process {proc.name}")
     return sorted(set(found))
 
 

@@ -99,22 +99,40 @@ def test_each_run_is_in_a_cgroup_of_its_own(report: dict[str, Any]) -> None:
     assert memory.rsplit(":", 1)[1] not in ("", "/"), lines
 
 
+POOL = "stockade-pool"  # the pool's parent cgroup: the container prefix, less its dash
+
+
+def pool_parent(host: testinfra.host.Host) -> tuple[bool, str]:
+    """(cgroup v2?, the pool's parent cgroup in the memory hierarchy)."""
+    v2 = host.file("/sys/fs/cgroup/cgroup.controllers").exists
+    return v2, f"/sys/fs/cgroup/{POOL}" if v2 else f"/sys/fs/cgroup/memory/{POOL}"
+
+
 def container_cgroups(host: testinfra.host.Host) -> dict[str, tuple[int, int]]:
     """(memory bytes, pids) caps of every pool container, read where the runner set them."""
-    v2 = host.file("/sys/fs/cgroup/cgroup.controllers").exists
-    pattern = "/sys/fs/cgroup/lxc.payload.stockade-pool-*" if v2 else \
-        "/sys/fs/cgroup/memory/lxc.payload.stockade-pool-*"
+    v2, parent = pool_parent(host)
     found = {}
-    for path in host.check_output(f"ls -d {pattern}").split():
+    for path in host.check_output(f"ls -d {parent}/{POOL}-*").split():
         name = path.rsplit("/", 1)[1]
         if v2:
             memory = host.file(f"{path}/memory.max").content_string.strip()
             pids = host.file(f"{path}/pids.max").content_string.strip()
         else:
             memory = host.file(f"{path}/memory.limit_in_bytes").content_string.strip()
-            pids = host.file(f"/sys/fs/cgroup/pids/{name}/pids.max").content_string.strip()
+            pids = host.file(f"/sys/fs/cgroup/pids/{POOL}/{name}/pids.max").content_string.strip()
         found[name] = (int(memory), int(pids))
     return found
+
+
+def test_the_pool_cgroup_caps_every_container_together(host: testinfra.host.Host,
+                                                      config: dict[str, Any]) -> None:
+    """The host's memory less the reserve, unless the config names a smaller cap."""
+    v2, parent = pool_parent(host)
+    cap = int(host.file(f"{parent}/{'memory.max' if v2 else 'memory.limit_in_bytes'}")
+              .content_string.strip())
+    total_mib = int(host.check_output("awk '/^MemTotal:/ {print $2}' /proc/meminfo")) // 1024
+    expected = config["pool_memory_mib"] or total_mib - config["memory_reserve_mib"]
+    assert cap == expected << 20, (cap, expected)
 
 
 def test_every_pool_container_has_the_configured_cgroup_caps(

@@ -23,6 +23,11 @@ PROPERTIES = [
     ("KillMode", "mixed"),
     ("Delegate", "yes"),
     ("LimitCORE", "0"),
+    ("MemoryMax", str(1 << 30)),
+    ("OOMScoreAdjust", "-500"),
+    ("ProtectProc", "invisible"),
+    ("IPAddressDeny", "0.0.0.0/0 ::/0"),
+    ("IPAddressAllow", "127.0.0.0/8 ::1/128"),
 ]
 
 

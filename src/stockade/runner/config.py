@@ -59,6 +59,12 @@ class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Each container's cgroup caps: room for the largest run plus the zygote and a prepared run.
     container_memory_overhead_mib: int = 512
     container_cpus: float = 1.0
+    # Every container sits in one parent cgroup whose memory cap bounds them all together:
+    # this many MiB, or with 0 the host's memory less `memory_reserve_mib`, which is what
+    # the host keeps for itself (the runner, nginx, sshd, the page cache). A pool whose cap
+    # does not fit is refused at start and by `stockade check-config`.
+    pool_memory_mib: int = 0
+    memory_reserve_mib: int = 1024
     # Imported once by each zygote, besides the standard modules every zygote preloads.
     preload: list[str] = msgspec.field(default_factory=lambda: ["numpy", "pandas"])
     drain_timeout_s: float = 30.0
@@ -77,6 +83,8 @@ class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("pool sizes are capped at 256 and queue_limit at 4096")
         if self.lean_pool_size < 0:
             raise ValueError("lean_pool_size must be 0 or more")
+        if self.pool_memory_mib < 0 or self.memory_reserve_mib < 0:
+            raise ValueError("pool_memory_mib and memory_reserve_mib must be 0 or more")
         if self.idmap_size < 65536:
             raise ValueError("idmap_size must be at least 65536 (runs use uid 61000)")
 
@@ -96,6 +104,30 @@ class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def container_pids(self) -> int:
         return self.limits.maximum.processes + 64
+
+
+def host_memory_mib(meminfo: str = "/proc/meminfo") -> int:
+    for line in Path(meminfo).read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) // 1024
+    raise ValueError(f"no MemTotal in {meminfo}")
+
+
+def pool_memory_mib(config: RunnerConfig, host_mib: int) -> int:
+    """The pool's memory cap on a host of `host_mib`; a ValueError says what to change."""
+    room = host_mib - config.memory_reserve_mib
+    one = config.container_memory_mib
+    if config.pool_memory_mib > room:
+        raise ValueError(f"pool_memory_mib is {config.pool_memory_mib} MiB, more than this "
+                         f"host's {host_mib} MiB less the {config.memory_reserve_mib} MiB "
+                         f"reserve ({room} MiB): lower it, or set 0 to take {room} MiB")
+    cap = config.pool_memory_mib or room
+    if cap < one:
+        raise ValueError(f"the pool may use {cap} MiB (host {host_mib} MiB, reserve "
+                         f"{config.memory_reserve_mib} MiB), less than one container's cap "
+                         f"of {one} MiB (the largest run's limits.maximum.memory_mib plus "
+                         f"container_memory_overhead_mib): lower those, or the reserve")
+    return cap
 
 
 @dataclass(frozen=True)

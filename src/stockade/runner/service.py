@@ -27,15 +27,20 @@ from pathlib import Path
 
 from aiohttp import web
 
-from stockade.runner.config import RunnerConfig, kinds
+from stockade.runner.config import RunnerConfig, host_memory_mib, kinds, pool_memory_mib
 from stockade.runner.front.api import Api, Runs
 from stockade.runner.front.metrics import Metrics
 from stockade.runner.front.pool_client import PoolClient
 from stockade.runner.manager import images
 from stockade.runner.manager.containers import ContainerError, Containers, ensure_subid_ranges
-from stockade.runner.manager.lxc_cgroups import remove_lxc_cgroups
+from stockade.runner.manager.lxc_cgroups import (
+    make_pool_cgroup,
+    remove_lxc_cgroups,
+    remove_pool_cgroup,
+)
 from stockade.runner.manager.pool import Manager
 from stockade.sandbox import confine, libc
+from stockade.sandbox.cgroups import CgroupError
 
 log = logging.getLogger(__name__)
 # One line per event on stderr (journald keeps it under the unit): who said it, and what.
@@ -89,6 +94,12 @@ def prepare_host(config: RunnerConfig) -> tuple[Containers, pwd.struct_passwd]:
     left = containers.reconcile()
     if left:
         log.info(f"removed {len(left)} containers a previous runner left: {', '.join(left)}")
+    try:
+        cap = pool_memory_mib(config, host_memory_mib())
+        parent = make_pool_cgroup(config.container_prefix, cap << 20)
+    except (ValueError, CgroupError) as exc:
+        raise ServiceError(str(exc)) from None
+    log.info(f"the pool's cgroup {parent} caps its containers at {cap} MiB together")
     images.prune(config)  # old images that only the removed containers were cloned from
     return containers, user
 
@@ -146,7 +157,10 @@ def serve(config: RunnerConfig) -> int:
             os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
-        remove_lxc_cgroups(config.container_prefix, prefix=True)
+        remove_lxc_cgroups(config.container_prefix, config.container_prefix, prefix=True)
+        busy = remove_pool_cgroup(config.container_prefix)
+        if busy:
+            log.warning(f"pool cgroups still busy at exit: {', '.join(busy)}")
         for directory in (config.pool_socket_dir, Path(config.run_dir)):
             with contextlib.suppress(OSError):
                 directory.rmdir()  # only when empty: nothing of a container is left inside

@@ -69,6 +69,7 @@ def _enter_run(go: socket.socket, err_w: int, cgroup_procs: list[int], plan: Run
     which brings back out/ from it after the run."""
     for fd in cgroup_procs:
         os.write(fd, b"0")
+    confine.volunteer_for_oom()
     confine.close_inherited_fds({go.fileno(), err_w, plan.root_template_fd})
     confine.join_root_template(plan.root_template_fd)
     confine.enter_namespaces(plan.namespaces)

@@ -23,6 +23,7 @@ from stockade.runner.manager import apparmor, images, layout
 from stockade.runner.manager.lxc_cgroups import (
     cgroup_dirs,
     cgroup_version,
+    lxc_cgroup_items,
     reap_zombies,
     remove_lxc_cgroups,
     return_home,
@@ -151,6 +152,7 @@ class Containers:
             items = [("lxc.mount.entry", f"{directory} {mount_point} none bind,create=dir 0 0"),
                      ("lxc.uts.name", layout.HOSTNAME),
                      ("lxc.console.logfile", str(layout.console_log(self.config, name))),
+                     *lxc_cgroup_items(self.config.container_prefix, name),
                      *self._limits()]
             if self.apparmor_profile:
                 items.append(("lxc.apparmor.profile", self.apparmor_profile))
@@ -211,7 +213,8 @@ class Containers:
             raise ContainerError(f"cannot destroy container {name}")
         images.remove_tree(Path(self.lxc_path) / name)
         images.remove_tree(layout.host_dir(self.config, name))
-        busy = remove_lxc_cgroups(name, timeout_s=CGROUP_TIMEOUT_S,
+        busy = remove_lxc_cgroups(name, self.config.container_prefix,
+                                  timeout_s=CGROUP_TIMEOUT_S,
                                   between=lambda: reap_zombies(self.keep_children))
         if busy:
             raise ContainerError(f"cgroups of {name} still busy: {', '.join(busy)}")
@@ -229,5 +232,6 @@ class Containers:
             for entry in self.socket_root.iterdir():
                 if entry.name.startswith(self.config.container_prefix):
                     images.remove_tree(entry)
-        remove_lxc_cgroups(self.config.container_prefix, prefix=True)
+        remove_lxc_cgroups(self.config.container_prefix, self.config.container_prefix,
+                           prefix=True)
         return left
