@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,18 @@ def test_sigkill_mid_run_then_restart_leaves_nothing(small_runner: RunnerProcess
     assert small_runner.run("print('after the crash')").stdout == "after the crash\n"
     assert small_runner.stop() == 0
     assert not runner_leftovers(config)
+
+
+def test_a_pool_that_overcommits_the_host_is_refused_and_leaves_nothing() -> None:
+    host_mib = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
+    config = local.runner_config(PORT, "stockade-l-", pool_size=1, lean_pool_size=0,
+                                 pool_memory_mib=host_mib)
+    process = RunnerProcess(config)
+    try:
+        with pytest.raises(local.LocalServiceError, match="the runner exited"):
+            process.start()
+        assert process.stop() == 2
+        assert "more than this host's" in process.log()
+        assert not runner_leftovers(config)
+    finally:
+        process.close()

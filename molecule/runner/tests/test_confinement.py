@@ -4,6 +4,7 @@ capabilities, a non-root uid, the configured rlimits, their container's cgroup c
 from __future__ import annotations
 
 import json
+import shlex
 from typing import Any
 
 import pytest
@@ -143,3 +144,54 @@ def test_every_pool_container_has_the_configured_cgroup_caps(
     expected = ((maximum["memory_mib"] + config["container_memory_overhead_mib"]) << 20,
                 maximum["processes"] + 64)
     assert set(caps.values()) == {expected}, caps
+
+
+CONTAINER_ROOT = """
+import ctypes, errno, json, os
+libc = ctypes.CDLL(None, use_errno=True)
+read, write = os.pipe()
+if os.fork() == 0:  # unshare changes the caller: try it in a child
+    ok = libc.syscall(272, 0x10000000) == 0  # unshare(CLONE_NEWUSER)
+    os.write(write, b"allowed" if ok else errno.errorcode[ctypes.get_errno()].encode())
+    os._exit(0)
+os.wait()
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+try:
+    open("/dev/.lxc/proc/1/status").read()
+    lxc_proc = "readable"
+except OSError as exc:
+    lxc_proc = errno.errorcode[exc.errno]
+print(json.dumps({"uid": os.getuid(), "cap_bnd": int(status["CapBnd"], 16),
+                  "seccomp": status["Seccomp"].strip(), "unshare_user": os.read(read, 64).decode(),
+                  "lxc_proc": lxc_proc}))
+"""
+# chown kill setgid setuid setpcap sys_chroot sys_admin (runner/manager/container_policy.py)
+CONTAINER_CAPS = sum(1 << n for n in (0, 5, 6, 7, 8, 18, 21))
+
+
+@pytest.fixture(scope="module")
+def container_root(host: testinfra.host.Host) -> dict[str, Any]:
+    """What a process with a pool container's root sees and may do (lxc-attach)."""
+    lxc_path = "/var/lib/stockade/containers"
+    names = host.check_output(f"lxc-ls -1 -P {lxc_path}").split()
+    pool = [name for name in names if name.startswith("stockade-pool-")]
+    assert pool, names
+    out = host.check_output(f"lxc-attach -P {lxc_path} -n {pool[0]} --clear-env -- "
+                            f"/usr/bin/python3 -I -c {shlex.quote(CONTAINER_ROOT)}")
+    seen: dict[str, Any] = json.loads(out)
+    return seen
+
+
+def test_container_root_keeps_only_the_zygotes_capabilities_and_its_profile(
+        container_root: dict[str, Any]) -> None:
+    assert container_root["uid"] == 0 and container_root["seccomp"] == "2"
+    assert container_root["cap_bnd"] == CONTAINER_CAPS, hex(container_root["cap_bnd"])
+    assert container_root["unshare_user"] == "EPERM"
+
+
+def test_container_root_cannot_read_lxcs_unobstructed_proc(
+        host: testinfra.host.Host, container_root: dict[str, Any]) -> None:
+    if host.run("grep -qx Y /sys/module/apparmor/parameters/enabled").rc != 0:
+        pytest.skip("this kernel enforces no AppArmor (a container on a host without it); "
+                    "`make image-test` checks it on a VM that does")
+    assert container_root["lxc_proc"] == "EACCES", container_root

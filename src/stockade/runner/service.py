@@ -31,7 +31,7 @@ from stockade.runner.config import RunnerConfig, host_memory_mib, kinds, pool_me
 from stockade.runner.front.api import Api, Runs
 from stockade.runner.front.metrics import Metrics
 from stockade.runner.front.pool_client import PoolClient
-from stockade.runner.manager import images
+from stockade.runner.manager import container_policy, images
 from stockade.runner.manager.containers import ContainerError, Containers, ensure_subid_ranges
 from stockade.runner.manager.lxc_cgroups import (
     make_pool_cgroup,
@@ -76,10 +76,7 @@ def ensure_image(config: RunnerConfig) -> None:
 
 
 def prepare_host(config: RunnerConfig) -> tuple[Containers, pwd.struct_passwd]:
-    """Everything root does once before serving; idempotent."""
-    if os.geteuid() != 0:
-        raise ServiceError("serve needs root: it manages LXC containers and their cgroups "
-                           "(the HTTP front drops to an unprivileged user)")
+    """Everything root does once before serving; idempotent. `release_host` undoes it."""
     user = ensure_user(config.user)
     ensure_subid_ranges(config)
     try:
@@ -91,6 +88,7 @@ def prepare_host(config: RunnerConfig) -> tuple[Containers, pwd.struct_passwd]:
     except ContainerError as exc:
         raise ServiceError(str(exc)) from None
     containers.prepare_directories()
+    container_policy.write_seccomp_profile(config)
     left = containers.reconcile()
     if left:
         log.info(f"removed {len(left)} containers a previous runner left: {', '.join(left)}")
@@ -127,43 +125,57 @@ def drop_privileges(user: pwd.struct_passwd) -> None:
 
 def serve(config: RunnerConfig) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=LOG_FORMAT)
-    containers, user = prepare_host(config)
-    listener = listen(config)
-    python = (images.read_stamp(config) or images.Stamp("", 0, "unknown", [])).python
-    manager_end, front_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    manager_pid = os.getpid()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            manager_end.close()
-            drop_privileges(user)
-            # After the uid change, which clears it; then make sure the manager still lives.
-            libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-            if os.getppid() != manager_pid:
-                raise ServiceError("the pool manager exited before the front started")
-            code = asyncio.run(front_main(config, front_end, listener, python))
-        except BaseException as exc:  # report, then leave without running cleanup
-            log.error(f"the front failed: {exc!r}")
-        finally:
-            os._exit(code)
-    front_end.close()
-    listener.close()
-    containers.keep_children.add(pid)
+    if os.geteuid() != 0:
+        raise ServiceError("serve needs root: it manages LXC containers and their cgroups "
+                           "(the HTTP front drops to an unprivileged user)")
+    front_pid = 0
     try:
-        return asyncio.run(manager_main(config, containers, manager_end, pid))
+        containers, user = prepare_host(config)
+        listener = listen(config)
+        python = (images.read_stamp(config) or images.Stamp("", 0, "unknown", [])).python
+        manager_end, front_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        manager_pid = os.getpid()
+        front_pid = os.fork()
+        if front_pid == 0:
+            code = 1
+            try:
+                manager_end.close()
+                drop_privileges(user)
+                # After the uid change, which clears it; then make sure the manager lives.
+                libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+                if os.getppid() != manager_pid:
+                    raise ServiceError("the pool manager exited before the front started")
+                code = asyncio.run(front_main(config, front_end, listener, python))
+            except BaseException as exc:  # report, then leave without running cleanup
+                log.error(f"the front failed: {exc!r}")
+            finally:
+                os._exit(code)
+        front_end.close()
+        listener.close()
+        containers.keep_children.add(front_pid)
+        return asyncio.run(manager_main(config, containers, manager_end, front_pid))
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
-        remove_lxc_cgroups(config.container_prefix, config.container_prefix, prefix=True)
-        busy = remove_pool_cgroup(config.container_prefix)
-        if busy:
-            log.warning(f"pool cgroups still busy at exit: {', '.join(busy)}")
-        for directory in (config.pool_socket_dir, Path(config.run_dir)):
-            with contextlib.suppress(OSError):
-                directory.rmdir()  # only when empty: nothing of a container is left inside
+        if front_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(front_pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(front_pid, 0)
+        release_host(config)
+
+
+def release_host(config: RunnerConfig) -> None:
+    """Undo what prepare_host made, on every way out: the pool's cgroups, the containers'
+    seccomp profile, the run directories (only when empty: nothing of a container is
+    left inside)."""
+    remove_lxc_cgroups(config.container_prefix, config.container_prefix, prefix=True)
+    busy = remove_pool_cgroup(config.container_prefix)
+    if busy:
+        log.warning(f"pool cgroups still busy at exit: {', '.join(busy)}")
+    with contextlib.suppress(OSError):
+        container_policy.seccomp_profile_path(config).unlink()
+    for directory in (config.pool_socket_dir, Path(config.run_dir)):
+        with contextlib.suppress(OSError):
+            directory.rmdir()
 
 
 async def manager_main(config: RunnerConfig, containers: Containers, channel: socket.socket,

@@ -19,7 +19,7 @@ import msgspec
 
 from stockade.limits import LimitPolicy
 from stockade.runner.config import RunnerConfig
-from stockade.runner.manager import apparmor, images, layout
+from stockade.runner.manager import apparmor, container_policy, images, layout
 from stockade.runner.manager.lxc_cgroups import (
     cgroup_dirs,
     cgroup_version,
@@ -153,11 +153,14 @@ class Containers:
                      ("lxc.uts.name", layout.HOSTNAME),
                      ("lxc.console.logfile", str(layout.console_log(self.config, name))),
                      *lxc_cgroup_items(self.config.container_prefix, name),
+                     *container_policy.lxc_items(self.config),
                      *self._limits()]
             if self.apparmor_profile:
                 items.append(("lxc.apparmor.profile", self.apparmor_profile))
             for key, value in items:
-                if not container.set_config_item(key, value):
+                add = (container.append_config_item if key in container_policy.LIST_KEYS
+                       else container.set_config_item)
+                if not add(key, value):
                     raise ContainerError(f"LXC refused {key} = {value}")
             container.save_config()
             started = container.start()
