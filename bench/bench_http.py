@@ -31,16 +31,21 @@ class Connection:
     def __init__(self, port: int) -> None:
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
 
-    def hello(self) -> float:
+    def post(self, body: bytes, status: str = "ok", stdout: str | None = None) -> float:
+        """Seconds for one run; its answer must have this status (and stdout)."""
         started = time.perf_counter()
-        self.conn.request("POST", "/v1/runs", body=HELLO,
+        self.conn.request("POST", "/v1/runs", body=body,
                           headers={"Content-Type": "application/json"})
         answer = self.conn.getresponse()
-        body = answer.read()
+        raw = answer.read()
         elapsed = time.perf_counter() - started
-        if answer.status != 200 or b'"stdout":"hello\\n"' not in body:
-            raise RuntimeError(f"bad answer {answer.status}: {body[:300]!r}")
+        record = json.loads(raw) if answer.status == 200 else {}
+        if record.get("status") != status or stdout not in (None, record.get("stdout")):
+            raise RuntimeError(f"bad answer {answer.status}: {raw[:300]!r}")
         return elapsed
+
+    def hello(self) -> float:
+        return self.post(HELLO, stdout="hello\n")
 
 
 def bare_spawn() -> float:

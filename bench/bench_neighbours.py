@@ -15,41 +15,23 @@ the quiet client's share is the machine's; a fairer share is per-key admission's
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import statistics
 import threading
 import time
 from pathlib import Path
 
+from bench_http import HELLO, Connection  # bench/ is the script's directory
+
 from stockade.runner.local import RunnerProcess, runner_config, serving
 
 RESULTS = Path(__file__).parent / "results"
-HELLO = json.dumps({"code": "print('hello')"}).encode()
 FAILING = json.dumps({"code": "1/0"}).encode()
-
-
-class Connection:
-    """One keep-alive HTTP connection, as a real client library would hold."""
-
-    def __init__(self, port: int) -> None:
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-
-    def post(self, body: bytes, status: str) -> float:
-        started = time.perf_counter()
-        self.conn.request("POST", "/v1/runs", body=body,
-                          headers={"Content-Type": "application/json"})
-        answer = self.conn.getresponse()
-        raw = answer.read()
-        elapsed = time.perf_counter() - started
-        if answer.status != 200 or json.loads(raw)["status"] != status:
-            raise RuntimeError(f"bad answer {answer.status}: {raw[:300]!r}")
-        return elapsed
 
 
 def quiet_client(port: int, rounds: int) -> list[float]:
     connection = Connection(port)
-    return [connection.post(HELLO, "ok") for _ in range(rounds)]
+    return [connection.post(HELLO, "ok", "hello\n") for _ in range(rounds)]
 
 
 def summary(prefix: str, samples: list[float]) -> dict[str, float]:

@@ -15,6 +15,7 @@ import pytest
 from stockade.runner import local
 from stockade.runner.local import RunnerProcess
 from support.leftovers import runner_leftovers
+from support.runners import own_runner
 
 PORT = 18090
 
@@ -24,16 +25,8 @@ def small_runner() -> Iterator[RunnerProcess]:
     config = local.runner_config(PORT, "stockade-l-", pool_size=1, lean_pool_size=0,
                                    queue_limit=1,
                                    queue_timeout_s=1.0)
-    process = RunnerProcess(config)
-    process.start()
-    try:
+    with own_runner(config) as process:
         yield process
-    finally:
-        if process.proc is not None and process.proc.poll() is None:
-            process.stop()
-        left = runner_leftovers(config)
-        process.close()
-        assert not left, f"the runner left {left}"
 
 
 def test_saturation_answers_503_with_retry_after(small_runner: RunnerProcess) -> None:

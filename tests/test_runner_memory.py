@@ -16,7 +16,7 @@ from stockade.runner import local
 from stockade.runner.local import RunnerProcess
 from stockade.runner.manager.lxc_cgroups import lxc_bases, pool_cgroup
 from stockade.sandbox.cgroups import MOUNTINFO, parse_mountinfo
-from support.leftovers import runner_leftovers
+from support.runners import own_runner
 
 PORT = 18095
 POOL_MIB = 1024  # one container's cap (512 MiB largest run + 512 MiB overhead), for four
@@ -26,16 +26,8 @@ POOL_MIB = 1024  # one container's cap (512 MiB largest run + 512 MiB overhead),
 def capped_runner() -> Iterator[RunnerProcess]:
     config = local.runner_config(PORT, "stockade-m-", pool_size=1, lean_pool_size=3,
                                  pool_memory_mib=POOL_MIB, queue_limit=8)
-    process = RunnerProcess(config)
-    process.start()
-    try:
+    with own_runner(config) as process:
         yield process
-    finally:
-        if process.proc is not None and process.proc.poll() is None:
-            process.stop()
-        left = runner_leftovers(config)
-        process.close()
-        assert not left, f"the runner left {left}"
 
 
 def _memory_dir(config_prefix: str) -> Path:
