@@ -241,7 +241,7 @@ def cmd_images(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _runner_config(args.file)
     try:
-        cap = runner_config.pool_memory_mib(config, runner_config.host_memory_mib())
+        cap = runner_config.pool_memory_cap_mib(config, runner_config.host_memory_mib())
     except ValueError as exc:
         raise UsageError(f"{args.file}: {exc}") from None
     sys.stdout.write(msgspec.json.format(msgspec.json.encode(config).decode()) + "\n")

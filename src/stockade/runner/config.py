@@ -113,7 +113,7 @@ def host_memory_mib(meminfo: str = "/proc/meminfo") -> int:
     raise ValueError(f"no MemTotal in {meminfo}")
 
 
-def pool_memory_mib(config: RunnerConfig, host_mib: int) -> int:
+def pool_memory_cap_mib(config: RunnerConfig, host_mib: int) -> int:
     """The pool's memory cap on a host of `host_mib`; a ValueError says what to change."""
     room = host_mib - config.memory_reserve_mib
     one = config.container_memory_mib

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from stockade.runner.config import RunnerConfig, host_memory_mib, kinds, pool_memory_mib
+from stockade.runner.config import RunnerConfig, host_memory_mib, kinds, pool_memory_cap_mib
 from stockade.runner.front.api import Api, Runs
 from stockade.runner.front.metrics import Metrics
 from stockade.runner.front.pool_client import PoolClient
@@ -93,7 +93,7 @@ def prepare_host(config: RunnerConfig) -> tuple[Containers, pwd.struct_passwd]:
     if left:
         log.info(f"removed {len(left)} containers a previous runner left: {', '.join(left)}")
     try:
-        cap = pool_memory_mib(config, host_memory_mib())
+        cap = pool_memory_cap_mib(config, host_memory_mib())
         parent = make_pool_cgroup(config.container_prefix, cap << 20)
     except (ValueError, CgroupError) as exc:
         raise ServiceError(str(exc)) from None

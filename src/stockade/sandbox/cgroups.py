@@ -30,7 +30,8 @@ def _read(path: Path) -> str:
     return path.read_text()
 
 
-def _write(path: Path, value: str) -> None:
+def write_value(path: Path, value: str) -> None:
+    """Write one value to a cgroup file; CgroupError (with the errno) says which refused."""
     try:
         path.write_text(value)
     except OSError as exc:
@@ -84,26 +85,26 @@ class RunCgroup:
 
     def set_memory_limit(self, limit_bytes: int) -> None:
         if self.version == 1:
-            _write(self._file("memory", "memory.limit_in_bytes"), str(limit_bytes))
+            write_value(self._file("memory", "memory.limit_in_bytes"), str(limit_bytes))
             memsw = self._file("memory", "memory.memsw.limit_in_bytes")
             if memsw.exists():  # no swap for a run: memory+swap == memory
-                _write(memsw, str(limit_bytes))
+                write_value(memsw, str(limit_bytes))
         else:
-            _write(self._file("memory", "memory.max"), str(limit_bytes))
+            write_value(self._file("memory", "memory.max"), str(limit_bytes))
             swap = self._file("memory", "memory.swap.max")
             if swap.exists():
-                _write(swap, "0")
-            _write(self._file("memory", "memory.oom.group"), "1")
+                write_value(swap, "0")
+            write_value(self._file("memory", "memory.oom.group"), "1")
 
     def set_pids_limit(self, limit: int) -> None:
-        _write(self._file("pids", "pids.max"), str(limit))
+        write_value(self._file("pids", "pids.max"), str(limit))
 
     def begin(self) -> None:
         """Mark the start of the program: CPU and OOM count from here, the peak is reset."""
         self._cpu_start = self.cpu_time_s()
         self._oom_start = self._oom_kills()
         if self.version == 1:
-            _write(self._file("memory", "memory.max_usage_in_bytes"), "0")
+            write_value(self._file("memory", "memory.max_usage_in_bytes"), "0")
             return
         with contextlib.suppress(OSError):
             fd = os.open(self._file("memory", "memory.peak"), os.O_RDWR | os.O_CLOEXEC)
@@ -183,16 +184,16 @@ class CgroupDriver:
         if self.version == 2:
             enable = " ".join(f"+{c}" for c in V2_CONTROLLERS)
             try:
-                _write(self._unified / "cgroup.subtree_control", enable)
+                write_value(self._unified / "cgroup.subtree_control", enable)
             except CgroupError as exc:
                 if exc.errno != errno.EBUSY:
                     raise
                 self.leave_delegation_root()
-                _write(self._unified / "cgroup.subtree_control", enable)
+                write_value(self._unified / "cgroup.subtree_control", enable)
             node = self._unified
             for part in Path(self.parent).parts:
                 node = node / part
-                _write(node / "cgroup.subtree_control", enable)
+                write_value(node / "cgroup.subtree_control", enable)
 
     def leave_delegation_root(self) -> None:
         """cgroup v2 lets a non-root cgroup hand controllers down only while it holds no
@@ -200,7 +201,7 @@ class CgroupDriver:
         cgroup (EBUSY): it moves itself into a leaf of its own, beside the run cgroups."""
         leaf = self._unified / f"{self.parent.split('/')[0]}-zygote"
         leaf.mkdir(exist_ok=True)
-        _write(leaf / "cgroup.procs", str(os.getpid()))
+        write_value(leaf / "cgroup.procs", str(os.getpid()))
 
     def create(self, name: str) -> RunCgroup:
         dirs = {c: root / name for c, root in self.roots.items()}

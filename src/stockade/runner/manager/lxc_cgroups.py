@@ -16,7 +16,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from stockade.sandbox.cgroups import MOUNTINFO, V2_CONTROLLERS, CgroupError, parse_mountinfo
+from stockade.sandbox.cgroups import (
+    MOUNTINFO,
+    V2_CONTROLLERS,
+    CgroupError,
+    parse_mountinfo,
+    write_value,
+)
 
 
 def cgroup_version() -> int:
@@ -61,13 +67,6 @@ def cgroup_dirs(pid: str = "self") -> list[Path]:
     return list(dict.fromkeys(dirs))
 
 
-def _write(path: Path, value: str) -> None:
-    try:
-        path.write_text(value)
-    except OSError as exc:
-        raise CgroupError(f"cannot write {value!r} to {path}: {exc.strerror}") from None
-
-
 def pool_cgroup(prefix: str) -> str:
     """The parent cgroup of a pool's containers (its monitors': this + ".monitor")."""
     return prefix.rstrip("-.") or "stockade"
@@ -97,21 +96,21 @@ def make_pool_cgroup(prefix: str, memory_bytes: int) -> Path:
         base = next((d for d in lxc_bases() if d.is_relative_to(v1["memory"])), v1["memory"])
         parent = base / pool
         parent.mkdir(exist_ok=True)
-        _write(parent / "memory.limit_in_bytes", str(memory_bytes))
+        write_value(parent / "memory.limit_in_bytes", str(memory_bytes))
         if (parent / "memory.memsw.limit_in_bytes").exists():
-            _write(parent / "memory.memsw.limit_in_bytes", str(memory_bytes))
+            write_value(parent / "memory.memsw.limit_in_bytes", str(memory_bytes))
         return parent
     if unified is None:
         raise CgroupError("no memory cgroup hierarchy is mounted")
     base = next((d for d in lxc_bases() if d.is_relative_to(unified)), unified)
     wanted = " ".join(f"+{c}" for c in V2_CONTROLLERS)
-    _write(base / "cgroup.subtree_control", wanted)
+    write_value(base / "cgroup.subtree_control", wanted)
     parent = base / pool
     parent.mkdir(exist_ok=True)
-    _write(parent / "memory.max", str(memory_bytes))
+    write_value(parent / "memory.max", str(memory_bytes))
     if (parent / "memory.swap.max").exists():
-        _write(parent / "memory.swap.max", "0")
-    _write(parent / "cgroup.subtree_control", wanted)
+        write_value(parent / "memory.swap.max", "0")
+    write_value(parent / "cgroup.subtree_control", wanted)
     return parent
 
 
