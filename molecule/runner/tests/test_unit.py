@@ -26,9 +26,10 @@ PROPERTIES = [
     ("MemoryMax", str(1 << 30)),
     ("OOMScoreAdjust", "-500"),
     ("ProtectProc", "invisible"),
-    ("IPAddressDeny", "0.0.0.0/0 ::/0"),
-    ("IPAddressAllow", "127.0.0.0/8 ::1/128"),
 ]
+# systemd lists these in no fixed order.
+ADDRESS_LISTS = [("IPAddressDeny", {"0.0.0.0/0", "::/0"}),
+                 ("IPAddressAllow", {"127.0.0.0/8", "::1/128"})]
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,12 @@ def test_runner_is_active_and_enabled(host: testinfra.host.Host) -> None:
 @pytest.mark.parametrize(("name", "expected"), PROPERTIES, ids=[p[0] for p in PROPERTIES])
 def test_unit_property(show: dict[str, str], name: str, expected: str) -> None:
     assert show[name] == expected
+
+
+@pytest.mark.parametrize(("name", "expected"), ADDRESS_LISTS, ids=[p[0] for p in ADDRESS_LISTS])
+def test_unit_talks_to_loopback_only(show: dict[str, str], name: str,
+                                     expected: set[str]) -> None:
+    assert set(show[name].split()) == expected
 
 
 def test_system_call_filter_denies_the_dangerous_groups(show: dict[str, str]) -> None:
