@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
@@ -9,11 +10,14 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from stockade.result import Result
 from stockade.runner import local
 from stockade.runner.local import NginxProcess, RunnerProcess
+from stockade.sandbox.cgroups import CgroupDriver
+from stockade.sandbox.config import SandboxConfig
 from support.battery import Context, host_context
 from support.leftovers import runner_leftovers
 from support.sandbox import Sandbox, make_config
@@ -33,6 +37,16 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         problems.append(f"the syscall probes are written for x86_64, not {platform.machine()}")
     if problems:
         pytest.exit("; ".join(problems), returncode=1)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The zygotes this session started on the host share one parent cgroup (SandboxConfig's
+    default cgroup_parent): once the last is gone it is empty, and goes too."""
+    parent = next(f.default for f in msgspec.structs.fields(SandboxConfig)
+                  if f.name == "cgroup_parent")
+    for root in dict.fromkeys(CgroupDriver(parent).roots.values()):
+        with contextlib.suppress(OSError):
+            root.rmdir()
 
 
 @pytest.fixture(scope="session")
