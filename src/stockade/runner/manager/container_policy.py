@@ -87,4 +87,7 @@ def lxc_items(config: RunnerConfig) -> list[tuple[str, str]]:
     """The LXC config of a pool container's root: its capabilities and its profile."""
     return [("lxc.cap.drop", ""),  # LXC refuses a drop list beside a keep list
             *(("lxc.cap.keep", cap) for cap in CAPABILITIES),
-            ("lxc.seccomp.profile", str(seccomp_profile_path(config)))]
+            ("lxc.seccomp.profile", str(seccomp_profile_path(config))),
+            # Without it LXC loads no profile at all when the runner already runs under a
+            # filter: systemd's SystemCallFilter, or a container around the whole host.
+            ("lxc.seccomp.allow_nesting", "1")]
