@@ -81,9 +81,11 @@ apparmor: ## Load the pool's AppArmor profile where the kernel enforces AppArmor
 		apparmor_parser -r /etc/apparmor.d/stockade-sandbox && \
 		echo "apparmor: profile stockade-sandbox loaded"; fi
 
+# On 127.0.0.1 (no LISTEN) anyone on this host may run code without a key; with LISTEN,
+# callers need a key (`stockade keys add NAME`).
 run: packages install apparmor doctor sandbox-image ## Set up what is missing, then serve on 127.0.0.1:8080 (root).
 	@echo "==> serving on http://$(or $(LISTEN),127.0.0.1:8080) (Ctrl-C stops; make uninstall removes it all)"
-	$(BIN)/stockade serve $(if $(LISTEN),--listen $(LISTEN))
+	$(BIN)/stockade serve $(if $(LISTEN),--listen $(LISTEN),--anonymous)
 
 # Packer (lxc builder, provisioned by ansible/sandbox.yml) builds the rootfs; stockade
 # checks it carries this checkout's sandbox code, shifts it into the containers' uid range,

@@ -43,8 +43,7 @@ def test_saturation_answers_503_with_retry_after(small_runner: RunnerProcess) ->
         assert running.result().status == 200
         timed_out = waiting.result()  # waited 1 s (queue_timeout_s) for the container
         assert timed_out.status == 503 and "retry" in timed_out.json()["error"]["message"]
-    assert 'stockade_rejected_total{reason="queue_full"} 1' in small_runner.get(
-        "/metrics").body.decode()
+    assert small_runner.metric('stockade_rejected_total{reason="queue_full"}') == 1
 
 
 def test_sigterm_drains_the_run_in_flight(small_runner: RunnerProcess) -> None:

@@ -34,11 +34,9 @@ def test_64_concurrent_requests_through_nginx(nginx: NginxProcess,
 
     with ThreadPoolExecutor(max_workers=64) as pool:
         answers = list(pool.map(one, range(64)))
-    ok = [(i, out) for i, status, out in answers if status == 200]
-    others = [status for _, status, _ in answers if status != 200]
-    assert all(out == f"{i * 2}\n" for i, out in ok), ok
-    assert set(others) <= {503}, others
-    assert len(ok) >= runner.config.queue_limit, (len(ok), others)
+    # The wait queue is sized from the pool, so a burst this size is all served.
+    assert [status for _, status, _ in answers] == [200] * 64, answers
+    assert all(out == f"{i * 2}\n" for i, _, out in answers), answers
 
 
 def test_clean_runs_go_on_while_dirty_containers_are_replaced(runner: RunnerProcess) -> None:

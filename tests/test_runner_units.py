@@ -15,6 +15,7 @@ import pytest
 
 from stockade.limits import LimitsIn
 from stockade.result import Result, Status
+from stockade.runner.channel import PoolStats
 from stockade.runner.config import FULL, LEAN, RunnerConfig, kind_for
 from stockade.runner.front import nginx, piston, schema
 from stockade.runner.front.api import retire_reason
@@ -42,9 +43,9 @@ def test_without_a_lean_pool_everything_goes_to_the_full_one() -> None:
 
 @pytest.mark.parametrize(("bad", "message"), [
     ({"pool_size": 0}, "pool_size must be positive"),
-    ({"queue_limit": 0}, "queue_limit must be positive"),
+    ({"queue_limit": -1}, "queue_limit must be 0 or more"),
     ({"port": 70000}, "port must be below"),
-    ({"lean_pool_size": -1}, "lean_pool_size must be 0 or more"),
+    ({"lean_pool_size": -1}, "lean_pool_size and queue_limit must be 0 or more"),
     ({"idmap_size": 1000}, "idmap_size must be at least"),
     ({"pool_size": 1000}, "pool sizes are capped"),
 ])
@@ -93,16 +94,38 @@ def test_piston_requests_refused_before_any_run(changes: dict[str, Any], words: 
         piston.to_run_request(piston.PistonRequest(**fields), "3.11.2")
 
 
-def test_metrics_histogram_is_cumulative() -> None:
-    metrics = Metrics()
+def test_metrics_histogram_is_cumulative_and_labelled() -> None:
+    metrics = Metrics("3.11.2")
     for seconds in (0.004, 0.02, 3.0):
-        metrics.observe_run("ok", seconds)
-    text = metrics.render({"pool_size": 4})
-    assert 'stockade_run_seconds_bucket{le="0.005"} 1' in text
-    assert 'stockade_run_seconds_bucket{le="0.025"} 2' in text
-    assert 'stockade_run_seconds_bucket{le="+Inf"} 3' in text
-    assert 'stockade_runs_total{status="ok"} 3' in text
-    assert "stockade_pool_size 4" in text
+        metrics.observe_run("alice", "ok", "lean", seconds)
+    metrics.pool.stats = PoolStats(id=1, size=4, starting=0, warm=True, recycled=2,
+                                   create_failures=0, failing=False, last_recycle_s=0.5)
+    text = metrics.render().decode()
+    assert 'stockade_run_seconds_bucket{le="0.005"} 1.0' in text
+    assert 'stockade_run_seconds_bucket{le="0.025"} 2.0' in text
+    assert 'stockade_run_seconds_bucket{le="+Inf"} 3.0' in text
+    assert 'stockade_runs_total{key="alice",kind="lean",status="ok"} 3.0' in text
+    assert "stockade_pool_size 4.0" in text and "stockade_pool_recycled_total 2.0" in text
+    assert 'stockade_build_info{python="3.11.2",version="' in text
+    assert "stockade_front_process_resident_memory_bytes" in text
+    assert "_created" not in text
+    # Every metric says what it is.
+    families = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
+    helped = {line.split()[2] for line in text.splitlines() if line.startswith("# HELP")}
+    assert families <= helped
+
+
+@pytest.mark.parametrize(("containers", "timeout", "limit", "expected"), [
+    (4, 10.0, 0, 400),   # what the pool can start within the wait, at 10 runs/container-s
+    (1, 1.0, 0, 16),     # never fewer than 16
+    (256, 600.0, 0, 4096),  # never more than 4096
+    (4, 10.0, 7, 7),     # a configured size is kept
+])
+def test_the_wait_queue_is_sized_from_the_pool(containers: int, timeout: float, limit: int,
+                                               expected: int) -> None:
+    config = RunnerConfig(pool_size=containers, lean_pool_size=0, queue_timeout_s=timeout,
+                          queue_limit=limit)
+    assert config.wait_queue == expected
 
 
 def test_nginx_site_has_the_timeouts_and_the_runners_body_cap() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import grp
 import os
 import sys
 import tempfile
@@ -17,9 +18,11 @@ from stockade import limits as limits_module
 from stockade.limits import LimitError, LimitPolicy, LimitsIn
 from stockade.result import Result, Status
 from stockade.runner import config as runner_config
+from stockade.runner import keys
 from stockade.runner.config import DEFAULT_CONFIG_PATH as DEFAULT_CONFIG
 from stockade.runner.config import RunnerConfig
 from stockade.runner.front.schema import FileIn, RunRequest
+from stockade.runner.keys import SCOPES
 from stockade.sandbox.client import Job, run
 from stockade.sandbox.config import SandboxConfig
 from stockade.sandbox.launcher import ZygoteError, ZygoteProcess
@@ -63,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="serve the HTTP API with a warm container pool (root)")
     sv.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:8080")
     sv.add_argument("--config", metavar="FILE", help=f"JSON config (default {DEFAULT_CONFIG})")
+    sv.add_argument("--anonymous", action="store_true", help="serve callers without an API "
+                    "key too (the config's `anonymous` quota, or the default one)")
 
     rn = sub.add_parser("run", help="run FILE on a stockade runner over HTTP",
                         description="Options go before FILE; what follows FILE is the "
@@ -102,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     for each in (status, rootfs, export, imp):
         each.add_argument("--config", metavar="FILE",
                           help=f"JSON config (default {DEFAULT_CONFIG})")
+    _add_keys_parser(sub)
     ck = sub.add_parser("check-config", help="validate a runner config file, print it in full")
     ck.add_argument("file", metavar="FILE")
 
@@ -110,6 +116,33 @@ def build_parser() -> argparse.ArgumentParser:
     ng.add_argument("--upstream", default="127.0.0.1:8080", help="the runner's HOST:PORT")
     ng.add_argument("--config", metavar="FILE", help=f"JSON config (default {DEFAULT_CONFIG})")
     return parser
+
+
+def _add_keys_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    keys = sub.add_parser("keys", help="make, list and revoke API keys (root)",
+                          description="Keys live in the config's keys_file; the runner "
+                          "rereads it within a second of a change.")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    add = keys_sub.add_parser("add", help="make a key and print it (the only time it is shown)")
+    add.add_argument("name", metavar="NAME", help="who the key is for (a-z, 0-9, _ . -)")
+    add.add_argument("--runs-per-minute", type=int, default=600, metavar="N",
+                     help="sustained rate; a sixth of it may come at once (default 600)")
+    add.add_argument("--concurrency", type=int, default=0, metavar="N",
+                     help="runs at once (default: the pool's containers)")
+    add.add_argument("--queue", type=int, default=0, metavar="N",
+                     help="runs waiting at once (default: half the runner's wait queue)")
+    add.add_argument("--scope", dest="scopes", action="append", choices=SCOPES,
+                     help="what the key may use: runs, metrics; repeatable (default runs)")
+    for field in limits_module.FIELDS:
+        add.add_argument(field.flag.replace("--", "--max-", 1), dest=f"max_{field.name}",
+                         type=field.kind, metavar=field.metavar,
+                         help=f"the key's cap on the {field.description}")
+    listing = keys_sub.add_parser("list", help="the keys, their quotas, never their secrets")
+    revoke = keys_sub.add_parser("revoke", help="remove a key; it stops working within 1 s")
+    revoke.add_argument("name", metavar="NAME")
+    for each in (add, listing, revoke):
+        each.add_argument("--config", metavar="FILE",
+                          help=f"JSON config (default {DEFAULT_CONFIG})")
 
 
 def _read_capped(path: str, cap: int) -> bytes:
@@ -201,6 +234,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from stockade.runner import service  # noqa: PLC0415 - needs the runner extra
 
     config = _runner_config(args.config, args.listen)
+    if args.anonymous and config.anonymous is None:
+        config = msgspec.structs.replace(config, anonymous=keys.Quota(scopes=["runs"]))
     try:
         return service.serve(config)
     except service.ServiceError as exc:
@@ -235,6 +270,38 @@ def cmd_images(args: argparse.Namespace) -> int:
         return EXIT_INTERNAL
     # One line on stdout that tells a change from a no-op, for scripts and Ansible.
     print(f"stockade: image {name} {'installed' if changed else 'is current'}")
+    return EXIT_OK
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    config = _runner_config(args.config)
+    path = Path(config.keys_file)
+    try:
+        group: int | None = grp.getgrnam(config.user).gr_gid
+    except KeyError:
+        group = None  # `serve` makes the user, then hands the file to its group
+    try:
+        if args.keys_command == "list":
+            for record in keys.read(path).keys:
+                print(keys.describe(record))
+            return EXIT_OK
+        if os.geteuid() != 0:
+            raise UsageError(f"keys {args.keys_command} needs root: the key file is root's")
+        if args.keys_command == "revoke":
+            keys.revoke(path, args.name, group)
+            print(f"stockade: revoked {args.name}", file=sys.stderr)
+            return EXIT_OK
+        maximum = LimitsIn(**{f.name: getattr(args, f"max_{f.name}")
+                              for f in limits_module.FIELDS})
+        quota = keys.Quota(runs_per_minute=args.runs_per_minute,
+                           concurrency=args.concurrency, queue=args.queue,
+                           maximum=maximum, scopes=args.scopes or ["runs"])
+        key = keys.add(path, args.name, msgspec.convert(msgspec.to_builtins(quota),
+                                                        keys.Quota), group)
+    except (keys.KeyFileError, msgspec.ValidationError) as exc:
+        raise UsageError(str(exc)) from None
+    print(key)
+    print(f"stockade: key {args.name} added to {path}; it is shown only now", file=sys.stderr)
     return EXIT_OK
 
 
@@ -320,7 +387,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 COMMANDS = {"exec": cmd_exec, "serve": cmd_serve, "run": cmd_run, "images": cmd_images,
             "nginx-config": cmd_nginx_config, "check-config": cmd_check_config,
-            "doctor": cmd_doctor}
+            "doctor": cmd_doctor, "keys": cmd_keys}
 
 
 def main(argv: list[str] | None = None) -> int:

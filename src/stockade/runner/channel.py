@@ -11,6 +11,7 @@ If the front goes away, the manager destroys everything it had handed over.
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated
 
 import msgspec
 
@@ -29,6 +30,7 @@ class Recycle(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="recy
     """Front to manager: a run left this container dirty; destroy and replace it."""
 
     name: str
+    reason: Annotated[str, msgspec.Meta(max_length=32, pattern="^[a-z_]*$")] = ""
 
 
 class StatsRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="stats"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -10,8 +11,10 @@ from pathlib import Path
 import msgspec
 
 from stockade.limits import LimitPolicy
+from stockade.runner.keys import Quota
 
 DEFAULT_CONFIG_PATH = "/etc/stockade/runner.json"
+DEFAULT_KEYS_FILE = "/var/lib/stockade/keys.json"
 FULL, LEAN = "full", "lean"
 
 
@@ -29,9 +32,14 @@ class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # that never name a preloaded module go to a lean one (0 turns the lean pool off).
     pool_size: int = msgspec.field(default_factory=_default_pool_size)
     lean_pool_size: int = msgspec.field(default_factory=_default_pool_size)
-    # Requests that may wait for a container; past it the answer is 503 + Retry-After.
-    queue_limit: int = 32
+    # Runs that may wait for a container, each at most queue_timeout_s; past either the
+    # answer is 503 + Retry-After. 0 sizes the queue from the pool (see `wait_queue`).
+    queue_limit: int = 0
     queue_timeout_s: float = 10.0
+    # Who may run code: a key from `keys_file` (`stockade keys add`), and nobody else
+    # unless `anonymous` is set, which is then the quota all anonymous callers share.
+    keys_file: str = DEFAULT_KEYS_FILE
+    anonymous: Quota | None = None
     # A container serves run after run: its zygote proves each run gone (reaped, its
     # cgroup empty) or exits, so a failed program is no reason to replace it. These bound
     # what no check sees (a layout or state learned by one run and reused by a later one):
@@ -70,7 +78,7 @@ class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        positive = ("port", "pool_size", "queue_limit", "queue_timeout_s",
+        positive = ("port", "pool_size", "queue_timeout_s",
                     "recycle_after_runs", "recycle_after_s", "max_body_kib",
                     "max_files", "max_file_kib", "max_out_files", "max_out_kib",
                     "idmap_base", "idmap_size", "container_cpus", "drain_timeout_s")
@@ -81,8 +89,8 @@ class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("port must be below 65536")
         if self.pool_size > 256 or self.lean_pool_size > 256 or self.queue_limit > 4096:
             raise ValueError("pool sizes are capped at 256 and queue_limit at 4096")
-        if self.lean_pool_size < 0:
-            raise ValueError("lean_pool_size must be 0 or more")
+        if self.lean_pool_size < 0 or self.queue_limit < 0:
+            raise ValueError("lean_pool_size and queue_limit must be 0 or more")
         if self.pool_memory_mib < 0 or self.memory_reserve_mib < 0:
             raise ValueError("pool_memory_mib and memory_reserve_mib must be 0 or more")
         if self.idmap_size < 65536:
@@ -92,6 +100,16 @@ class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def containers(self) -> int:
         """Containers of every kind together."""
         return self.pool_size + self.lean_pool_size
+
+    @property
+    def wait_queue(self) -> int:
+        """How many runs may wait: `queue_limit`, or with 0 what the pool can start within
+        `queue_timeout_s` at ten runs per container-second (a hello-world holds a
+        container ~10 ms, a typical test case ~100 ms). Longer runs meet the timeout's
+        503 rather than a longer queue; 4096 at most."""
+        if self.queue_limit:
+            return self.queue_limit
+        return min(4096, max(16, math.ceil(self.containers * self.queue_timeout_s * 10)))
 
     @property
     def pool_socket_dir(self) -> Path:

@@ -21,8 +21,9 @@ import msgspec
 
 from stockade.limits import LimitPolicy, Limits
 from stockade.result import Result
-from stockade.runner.config import RunnerConfig
+from stockade.runner.config import DEFAULT_KEYS_FILE, RunnerConfig
 from stockade.runner.front import nginx
+from stockade.runner.keys import Quota
 from stockade.runner.manager.containers import Containers
 
 READY_TIMEOUT_S = 600.0  # the first start builds the sandbox image (Debian packages)
@@ -35,13 +36,14 @@ class LocalServiceError(RuntimeError):
 def runner_config(port: int, prefix: str, **overrides: Any) -> RunnerConfig:
     values: dict[str, Any] = {
         "host": "127.0.0.1", "port": port, "pool_size": 2, "lean_pool_size": 2,
-        "queue_limit": 16,
         "queue_timeout_s": 30.0, "container_prefix": prefix,
         "run_dir": f"/run/{prefix.rstrip('-')}",
         "limits": LimitPolicy(maximum=Limits(cpu_time_s=10, wall_time_s=20, memory_mib=512,
                                              processes=64, output_kib=1024,
                                              file_size_kib=65536)),
         "max_body_kib": 1024,
+        # Tests and benchmarks call without a key unless they test keys; /metrics included.
+        "anonymous": Quota(runs_per_minute=1_000_000, scopes=["runs", "metrics"]),
     }
     values.update(overrides)
     return RunnerConfig(**values)
@@ -75,18 +77,31 @@ def request(port: int, method: str, path: str, body: bytes | None = None, *,
 
 
 class Client:
-    """Talks to a runner (or to nginx in front of one) on a loopback port."""
+    """Talks to a runner (or to nginx in front of one) on a loopback port, with `key` as
+    its API key when one is given."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, key: str | None = None) -> None:
         self.port = port
+        self.key = key
+
+    def _headers(self, **more: str) -> dict[str, str]:
+        return ({"Authorization": f"Bearer {self.key}"} if self.key else {}) | more
+
+    def with_key(self, key: str | None) -> Client:
+        return Client(self.port, key)
 
     def post(self, path: str, payload: Any, timeout: float = 60.0) -> Answer:
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        return request(self.port, "POST", path, body,
-                       headers={"Content-Type": "application/json"}, timeout=timeout)
+        return request(self.port, "POST", path, body, timeout=timeout,
+                       headers=self._headers(**{"Content-Type": "application/json"}))
 
     def get(self, path: str) -> Answer:
-        return request(self.port, "GET", path)
+        return request(self.port, "GET", path, headers=self._headers())
+
+    def post_with(self, headers: dict[str, str], path: str, payload: Any) -> Answer:
+        """A POST with headers of the caller's choosing (an Authorization of its own)."""
+        return request(self.port, "POST", path, json.dumps(payload).encode(),
+                       headers=self._headers(**{"Content-Type": "application/json"}) | headers)
 
     def metric(self, name: str) -> float:
         for line in self.get("/metrics").body.decode().splitlines():
@@ -112,8 +127,11 @@ class Client:
 class RunnerProcess(Client):
     def __init__(self, config: RunnerConfig) -> None:
         super().__init__(config.port)
-        self.config = config
         self.dir = tempfile.TemporaryDirectory(prefix="stockade-runner-local-")
+        Path(self.dir.name).chmod(0o711)  # the front (the runner user) reads the key file
+        if config.keys_file == DEFAULT_KEYS_FILE:  # never the host's own keys
+            config = msgspec.structs.replace(config, keys_file=f"{self.dir.name}/keys.json")
+        self.config = config
         self.config_path = Path(self.dir.name) / "runner.json"
         self.config_path.write_bytes(msgspec.json.encode(config))
         self.log_path = Path(self.dir.name) / "runner.log"
@@ -170,6 +188,19 @@ class RunnerProcess(Client):
 
     def containers(self) -> list[str]:
         return Containers(self.config).existing()
+
+    def add_key(self, name: str, *options: str) -> str:
+        """A new key for this runner, made as an operator makes one: `stockade keys add`."""
+        made = subprocess.run([sys.executable, "-m", "stockade", "keys", "add", name,
+                               "--config", str(self.config_path), *options],
+                              capture_output=True, text=True, check=False)
+        if made.returncode != 0:
+            raise LocalServiceError(f"keys add {name} failed: {made.stderr}")
+        return made.stdout.strip()
+
+    def revoke_key(self, name: str) -> None:
+        subprocess.run([sys.executable, "-m", "stockade", "keys", "revoke", name,
+                        "--config", str(self.config_path)], capture_output=True, check=True)
 
     def close(self) -> None:
         self.dir.cleanup()

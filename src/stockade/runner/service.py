@@ -21,16 +21,18 @@ import pwd
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from aiohttp import web
 
+from stockade.runner import keys, logs
 from stockade.runner.config import RunnerConfig, host_memory_mib, kinds, pool_memory_cap_mib
 from stockade.runner.front.api import Api, Runs
 from stockade.runner.front.metrics import Metrics
 from stockade.runner.front.pool_client import PoolClient
+from stockade.runner.front.tenants import Tenants
+from stockade.runner.keys import KeyRing
 from stockade.runner.manager import container_policy, images
 from stockade.runner.manager.containers import ContainerError, Containers, ensure_subid_ranges
 from stockade.runner.manager.lxc_cgroups import (
@@ -43,8 +45,6 @@ from stockade.sandbox import confine, libc
 from stockade.sandbox.cgroups import CgroupError
 
 log = logging.getLogger(__name__)
-# One line per event on stderr (journald keeps it under the unit): who said it, and what.
-LOG_FORMAT = "%(name)s: %(message)s"
 
 
 class ServiceError(RuntimeError):
@@ -88,6 +88,7 @@ def prepare_host(config: RunnerConfig) -> tuple[Containers, pwd.struct_passwd]:
     except ContainerError as exc:
         raise ServiceError(str(exc)) from None
     containers.prepare_directories()
+    share_key_file(config, user)
     container_policy.write_seccomp_profile(config)
     left = containers.reconcile()
     if left:
@@ -100,6 +101,22 @@ def prepare_host(config: RunnerConfig) -> tuple[Containers, pwd.struct_passwd]:
     log.info(f"the pool's cgroup {parent} caps its containers at {cap} MiB together")
     images.prune(config)  # old images that only the removed containers were cloned from
     return containers, user
+
+
+def share_key_file(config: RunnerConfig, user: pwd.struct_passwd) -> None:
+    """The key file, checked, and readable by the front (the runner's group) alone."""
+    path = Path(config.keys_file)
+    try:
+        found = keys.read(path)
+        if path.exists():
+            os.chown(path, 0, user.pw_gid)
+            os.chmod(path, 0o640)
+    except (keys.KeyFileError, OSError) as exc:
+        raise ServiceError(str(exc)) from None
+    logs.event(log, "config_loaded", f"{len(found.keys)} API keys; anonymous callers "
+               f"{'allowed' if config.anonymous else 'refused'}", keys=len(found.keys),
+               anonymous=config.anonymous is not None, containers=config.containers,
+               wait_queue=config.wait_queue)
 
 
 def listen(config: RunnerConfig) -> socket.socket:
@@ -123,8 +140,22 @@ def drop_privileges(user: pwd.struct_passwd) -> None:
     os.chdir("/")
 
 
+def notify_systemd(state: str) -> None:
+    """Tell systemd (Type=notify) how the service is: READY=1 once the pool is warm, so a
+    `systemctl start` (and the rolling replacement) returns only when runs can start."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    address = "\0" + path[1:] if path.startswith("@") else path
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.sendto(state.encode(), address)
+        except OSError as exc:
+            log.warning(f"cannot notify systemd ({state!r}): {exc.strerror}")
+
+
 def serve(config: RunnerConfig) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=LOG_FORMAT)
+    logs.setup()
     if os.geteuid() != 0:
         raise ServiceError("serve needs root: it manages LXC containers and their cgroups "
                            "(the HTTP front drops to an unprivileged user)")
@@ -186,6 +217,7 @@ async def manager_main(config: RunnerConfig, containers: Containers, channel: so
 
     def stop(signum: int) -> None:
         log.info(f"{signal.Signals(signum).name}: draining")
+        notify_systemd("STOPPING=1")
         with contextlib.suppress(ProcessLookupError):
             os.kill(front_pid, signal.SIGTERM)
 
@@ -194,9 +226,13 @@ async def manager_main(config: RunnerConfig, containers: Containers, channel: so
     filling = asyncio.create_task(pool.fill())
 
     def fill_ended(task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
             log.warning(f"the pool cannot fill, stopping: {task.exception()!r}")
             stop(signal.SIGTERM)
+        else:
+            notify_systemd(f"READY=1\nSTATUS=serving with {config.containers} warm containers")
 
     filling.add_done_callback(fill_ended)
     try:
@@ -231,16 +267,26 @@ async def front_main(config: RunnerConfig, channel: socket.socket, listener: soc
                      python: str) -> int:
     reader, writer = await asyncio.open_unix_connection(sock=channel)
     pool = PoolClient(reader, writer, [kind.name for kind in kinds(config)])
-    metrics = Metrics()
-    runs = Runs(config, pool, metrics)
-    app = Api(config, runs, pool, metrics, python).app()
+    ring = KeyRing(Path(config.keys_file))
+    runs = Runs(config, pool, Metrics(python))
+    app = Api(config, runs, Tenants(config, ring), python).app()
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.SockSite(runner, listener)
     await site.start()
     who = f"{pwd.getpwuid(os.getuid()).pw_name}:{grp.getgrgid(os.getgid()).gr_name}"
-    print(f"stockade: serving on http://{config.host}:{config.port} as {who}",
-          file=sys.stderr, flush=True)
+    access = (f"{len(ring.by_id)} API keys from {config.keys_file}"
+              + (", and anonymous callers" if config.anonymous else ""))
+    logs.event(log, "serving", f"serving on http://{config.host}:{config.port} as {who}; "
+               f"{access}", host=config.host, port=config.port, keys=len(ring.by_id),
+               anonymous=config.anonymous is not None)
+    if config.anonymous is not None:
+        logs.event(log, "anonymous_access", "anyone who reaches this port may run code "
+                   "(`anonymous` is set); use API keys before serving beyond this host",
+                   level=logging.WARNING)
+    elif not ring.by_id:
+        logs.event(log, "no_keys", f"no API keys in {config.keys_file}: every run gets 401 "
+                   "until `stockade keys add NAME` makes one", level=logging.WARNING)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

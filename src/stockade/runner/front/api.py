@@ -13,6 +13,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -20,12 +21,14 @@ from aiohttp import web
 
 from stockade.limits import Limits
 from stockade.result import Result, Status
+from stockade.runner import logs
 from stockade.runner.channel import ChannelError, PoolStats
 from stockade.runner.config import RunnerConfig, kind_for
-from stockade.runner.front import openapi, piston, schema
+from stockade.runner.front import metrics, openapi, piston, schema
 from stockade.runner.front.metrics import Metrics
 from stockade.runner.front.pool_client import Lease, PoolClient, connect_trusted
 from stockade.runner.front.schema import ApiError
+from stockade.runner.front.tenants import Tenant, Tenants
 from stockade.sandbox import client
 
 RETRY_AFTER_S = 1
@@ -62,8 +65,17 @@ def retire_reason(config: RunnerConfig, lease: Lease, result: Result | None) -> 
     return None
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What the run's log line says about who asked, and where."""
+
+    request_id: str
+    route: str
+
+
 class Runs:
-    """Admission control and dispatch: a bounded wait for a container, then its zygote."""
+    """Admission control and dispatch: each caller within its quota, callers in turn for a
+    container, a bounded wait; then the container's zygote."""
 
     def __init__(self, config: RunnerConfig, pool: PoolClient, metrics: Metrics) -> None:
         self.config = config
@@ -75,29 +87,49 @@ class Runs:
         self.idle = asyncio.Event()
         self.idle.set()
 
-    def _saturated(self, reason: str, message: str) -> ApiError:
-        self.metrics.rejected[reason] += 1
-        return ApiError(503, "saturated", message)
+    def _refused(self, status: int, reason: str, message: str) -> ApiError:
+        self.metrics.rejected.labels(reason=reason).inc()
+        return ApiError(status, "saturated" if status == 503 else reason, message,
+                        retry_after=RETRY_AFTER_S)
 
-    async def execute(self, job: client.Job, limits: Limits) -> Result:
+    def _admission_check(self, tenant: Tenant) -> None:
+        """Room for one more waiting run, in all (else the service is overloaded: 503) and
+        for this caller (else it is the caller's limit: 429); then the caller's rate."""
+        if self.metrics.queue_depth >= self.config.wait_queue:
+            raise self._refused(503, "queue_full", "every container is busy and the wait "
+                                f"queue ({self.config.wait_queue}) is full; retry later")
+        if tenant.waiting >= tenant.queue:
+            raise self._refused(429, "too_many_waiting", f"{tenant.queue} runs of this key "
+                                "are waiting for a container already; retry later")
+        try:
+            tenant.spend_token()
+        except ApiError:
+            self.metrics.rejected.labels(reason="rate_limited").inc()
+            raise
+
+    async def execute(self, job: client.Job, limits: Limits, tenant: Tenant,
+                      context: RunContext) -> Result:
         sources = [job.code, *(f.content.decode("utf-8", "replace") for f in job.files
                                if f.name.endswith(".py"))]
         kind = kind_for(self.config, sources)
-        if self.metrics.queue_depth >= self.config.queue_limit:
-            raise self._saturated("queue_full", "every container is busy and the wait queue "
-                                  f"({self.config.queue_limit}) is full; retry later")
+        self._admission_check(tenant)
         started = time.monotonic()
         self.metrics.queue_depth += 1
+        tenant.waiting += 1
         try:
-            lease = await asyncio.wait_for(self._acquire_live(kind),
+            lease = await asyncio.wait_for(self._admit(kind, tenant),
                                            self.config.queue_timeout_s)
         except TimeoutError:
-            raise self._saturated("queue_timeout", "no container became free within "
-                                  f"{self.config.queue_timeout_s} s; retry later") from None
+            raise self._refused(503, "queue_timeout", "no container became free within "
+                                f"{self.config.queue_timeout_s} s; retry later") from None
         except ChannelError:
-            raise self._saturated("pool_gone", "the container pool is not running") from None
+            raise self._refused(503, "pool_gone", "the container pool is not running") \
+                from None
         finally:
             self.metrics.queue_depth -= 1
+            tenant.waiting -= 1
+        waited = time.monotonic() - started
+        self.metrics.queue_wait.observe(waited)
         self.metrics.in_flight += 1
         self.idle.clear()
         loop = asyncio.get_running_loop()
@@ -105,22 +137,38 @@ class Runs:
                                        job, limits, self.outputs)
         # The container goes back when its run has ended in its thread, not when this
         # request does: a cancelled request must not close a connection still in use.
-        running.add_done_callback(lambda done: self._ended(lease, done))
+        running.add_done_callback(lambda done: self._ended(lease, tenant, done))
         result = await asyncio.shield(running)
-        self.metrics.observe_run(result.status, time.monotonic() - started)
+        elapsed = time.monotonic() - started
+        self.metrics.observe_run(tenant.name, result.status, lease.kind, elapsed)
+        logs.event(log, "run", request_id=context.request_id, key=tenant.name,
+                   route=context.route, status=result.status, cpu_time_s=result.cpu_time_s,
+                   wall_time_s=result.wall_time_s, memory_peak_kib=result.memory_peak_kib,
+                   container=lease.name, kind=lease.kind, queue_wait_s=round(waited, 6),
+                   total_s=round(elapsed, 6))
         return result
 
-    async def _acquire_live(self, kind: str) -> Lease:
+    async def _admit(self, kind: str, tenant: Tenant) -> Lease:
+        """One of the caller's run slots, then a container in the caller's turn."""
+        await tenant.running.acquire()
+        try:
+            return await self._acquire_live(kind, tenant.name)
+        except BaseException:
+            tenant.running.release()
+            raise
+
+    async def _acquire_live(self, kind: str, caller: str) -> Lease:
         """A container whose zygote is still there. A lease comes back only after its
         zygote's Idle, so one that hung up since (its container was stopped) is all this
         catches: it goes back to be replaced, and the next is taken."""
         while True:
-            lease = await self.pool.acquire(kind)
+            lease = await self.pool.acquire(kind, caller)
             if not lease.hung_up():
                 return lease
             self._recycle(lease, "hung_up")
 
-    def _ended(self, lease: Lease, done: asyncio.Future[Result]) -> None:
+    def _ended(self, lease: Lease, tenant: Tenant, done: asyncio.Future[Result]) -> None:
+        tenant.running.release()
         self.metrics.in_flight -= 1
         if self.metrics.in_flight == 0:
             self.idle.set()
@@ -140,15 +188,17 @@ class Runs:
 
     def _idle(self, lease: Lease, idle: asyncio.Future[bool]) -> None:
         if not idle.cancelled() and idle.exception() is None and idle.result():
-            self.pool.release(lease, dirty=False)
+            self.pool.release(lease)
         else:
             self._recycle(lease, "not_idle")
 
     def _recycle(self, lease: Lease, reason: str) -> None:
-        if reason not in {"runs", "age"}:
-            log.warning(f"replacing {lease.name} after {lease.runs} runs: {reason}")
-        self.metrics.recycles[reason] += 1
-        self.pool.release(lease, dirty=True)
+        logs.event(log, "container_recycled", f"replacing {lease.name} after {lease.runs} "
+                   f"runs: {reason}", level=logging.INFO if reason in {"runs", "age"} else
+                   logging.WARNING, container=lease.name, kind=lease.kind, runs=lease.runs,
+                   reason=reason)
+        self.metrics.recycles.labels(reason=reason).inc()
+        self.pool.release(lease, dirty=reason)
 
     async def drain(self, timeout_s: float) -> bool:
         with contextlib.suppress(TimeoutError):
@@ -195,7 +245,11 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
                       f"{request.path}")
         error = ApiError(500, "internal_error", "stockade failed; the runner's log has the "
                          "detail under this request id")
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status == 503 else None
+    headers = {}
+    if error.status in {429, 503}:
+        headers["Retry-After"] = str(error.retry_after or RETRY_AFTER_S)
+    if error.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="stockade"'
     if request.path.startswith("/api/v2/"):
         return _json(piston.PistonError(error.message, request["request_id"]), error.status,
                      headers)
@@ -204,12 +258,13 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 class Api:
-    def __init__(self, config: RunnerConfig, runs: Runs, pool: PoolClient, metrics: Metrics,
+    def __init__(self, config: RunnerConfig, runs: Runs, tenants: Tenants,
                  python_version: str) -> None:
         self.config = config
         self.runs = runs
-        self.pool = pool
-        self.metrics = metrics
+        self.pool = runs.pool
+        self.metrics = runs.metrics
+        self.tenants = tenants
         self.python_version = python_version
 
     def app(self) -> web.Application:
@@ -228,12 +283,21 @@ class Api:
         ])
         return app
 
-    async def _execute(self, request: schema.RunRequest, request_id: str) -> Result:
-        """Every run route's one path: the typed request becomes a job, then a result.
-        stockade's own failure is logged in full; the client gets a short message and the
-        request id, never the internals."""
+    async def _caller(self, request: web.Request, scope: str) -> Tenant:
+        """The key the request presents (or the anonymous caller), allowed `scope`."""
+        tenant = await self.tenants.identify(request.headers.get("Authorization"))
+        tenant.check_scope(scope)
+        return tenant
+
+    async def _execute(self, http: web.Request, tenant: Tenant,
+                       request: schema.RunRequest) -> Result:
+        """Every run route's one path: the typed request becomes a job within the caller's
+        quota, then a result. stockade's own failure is logged in full; the client gets a
+        short message and the request id, never the internals."""
         job, limits = schema.to_job(request, self.config)
-        result = await self.runs.execute(job, limits)
+        limits = tenant.within_quota(request.limits, limits)
+        request_id = http["request_id"]
+        result = await self.runs.execute(job, limits, tenant, RunContext(request_id, http.path))
         if result.status == Status.INTERNAL_ERROR:
             log.error(f"request {request_id}: internal error: {result.message}")
             result = msgspec.structs.replace(result, message=(
@@ -242,8 +306,9 @@ class Api:
         return result
 
     async def post_run(self, request: web.Request) -> web.Response:
+        tenant = await self._caller(request, "runs")
         body = schema.decode(await request.read(), schema.RunRequest)  # language included
-        return _json(await self._execute(body, request["request_id"]))
+        return _json(await self._execute(request, tenant, body))
 
     def _language(self) -> schema.Language:
         return schema.Language(name=schema.LANGUAGE, version=self.python_version,
@@ -276,18 +341,12 @@ class Api:
                            "log says why")
         return _json({"status": "ready", "containers": live, "size": stats.size})
 
-    async def get_metrics(self, _request: web.Request) -> web.Response:
-        pool: dict[str, float] = {}
-        stats = await self._pool_stats()
-        if stats is not None:
-            pool = {"pool_size": stats.size, "pool_idle": self.pool.idle_count,
-                    "pool_leased": self.pool.leased, "pool_starting": stats.starting,
-                    "pool_recycled_total": stats.recycled,
-                    "pool_create_failures_total": stats.create_failures,
-                    "pool_last_recycle_seconds": stats.last_recycle_s}
-        return web.Response(text=self.metrics.render(pool),
-                            content_type="text/plain", charset="utf-8",
-                            headers={"X-Content-Format": "prometheus-0.0.4"})
+    async def get_metrics(self, request: web.Request) -> web.Response:
+        await self._caller(request, "metrics")
+        self.metrics.pool.stats = await self._pool_stats()
+        self.metrics.pool.idle, self.metrics.pool.leased = self.pool.idle_count, self.pool.leased
+        return web.Response(body=self.metrics.render(),
+                            headers={"Content-Type": metrics.CONTENT_TYPE})
 
     async def get_openapi(self, _request: web.Request) -> web.Response:
         return _json(openapi.document(self.config))
@@ -299,7 +358,8 @@ class Api:
                                            schema.ALIASES)])
 
     async def piston_execute(self, request: web.Request) -> web.Response:
+        tenant = await self._caller(request, "runs")
         body = schema.decode(await request.read(), piston.PistonRequest)
-        result = await self._execute(piston.to_run_request(body, self.python_version),
-                                     request["request_id"])
+        result = await self._execute(request, tenant,
+                                     piston.to_run_request(body, self.python_version))
         return _json(piston.to_response(result, self.python_version))

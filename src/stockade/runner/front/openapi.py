@@ -28,13 +28,37 @@ def _json_body(name: str | dict[str, Any], description: str) -> dict[str, Any]:
 
 def _errors(kind: str, *codes: int) -> dict[str, Any]:
     described = {400: "Malformed JSON or invalid UTF-8.", 413: "The body is over the cap.",
+                 401: "No API key, or not a valid one.",
+                 403: "The key may not use this route, or ask for this limit.",
                  422: "A field is invalid: unknown, mistyped, out of range or unsafe.",
+                 429: "Over the key's rate or its share of the queue; retry after "
+                      "Retry-After seconds.",
                  503: "Saturated or not running; retry after Retry-After seconds.",
                  500: "stockade itself failed."}
     answers = {str(code): _json_body(kind, described[code]) for code in codes}
-    if "503" in answers:
-        answers["503"]["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
+    for code in ("429", "503"):
+        if code in answers:
+            answers[code]["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
     return answers
+
+
+KEYED = {"/v1/runs": "runs", "/api/v2/execute": "runs", "/metrics": "metrics"}
+
+
+def _with_keys(document: dict[str, Any], anonymous: tuple[str, ...]) -> dict[str, Any]:
+    """The bearer scheme on every route that needs a key: optional where the anonymous
+    callers' quota has the route's scope."""
+    document["components"]["securitySchemes"] = {"apiKey": {
+        "type": "http", "scheme": "bearer",
+        "description": "An API key (`stk_...`) from the operator's `stockade keys add`; its "
+                       "scopes (runs, metrics) say which routes it opens."}}
+    for path, scope in KEYED.items():
+        for operation in document["paths"][path].values():
+            optional = scope in anonymous
+            operation["security"] = [{"apiKey": []}, *([{}] if optional else [])]
+            kind = "PistonError" if path.startswith("/api/") else "ErrorBody"
+            operation["responses"].update(_errors(kind, 401, 403, 429))
+    return document
 
 
 def _get(summary: str, body: dict[str, Any], *error_codes: int) -> dict[str, Any]:
@@ -43,7 +67,7 @@ def _get(summary: str, body: dict[str, Any], *error_codes: int) -> dict[str, Any
 
 
 @functools.cache
-def _document(limits: bytes) -> dict[str, Any]:
+def _document(limits: bytes, anonymous: tuple[str, ...]) -> dict[str, Any]:
     _, components = msgspec.json.schema_components(
         [schema.RunRequest, Result, schema.ErrorBody, schema.Languages,
          piston.PistonRequest, piston.PistonResponse, piston.PistonRuntime, piston.PistonError],
@@ -79,7 +103,7 @@ def _document(limits: bytes) -> dict[str, Any]:
         },
         "components": {"schemas": _with_limit_ranges(components, limits)},
     }
-    return _with_request_ids(document)
+    return _with_request_ids(_with_keys(document, anonymous))
 
 
 def _with_request_ids(document: dict[str, Any]) -> dict[str, Any]:
@@ -115,4 +139,5 @@ def _with_limit_ranges(components: dict[str, Any], limits: bytes) -> dict[str, A
 
 
 def document(config: RunnerConfig) -> dict[str, Any]:
-    return _document(msgspec.json.encode(config.limits))
+    scopes = tuple(config.anonymous.scopes) if config.anonymous else ()
+    return _document(msgspec.json.encode(config.limits), scopes)

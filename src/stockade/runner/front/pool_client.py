@@ -89,8 +89,10 @@ class PoolClient:
         self.writer = writer
         self.kinds = kinds
         self.idle: dict[str, collections.deque[Lease]] = {k: collections.deque() for k in kinds}
-        self.waiters: dict[str, collections.deque[asyncio.Future[Lease]]] = {
-            k: collections.deque() for k in kinds}
+        # Per kind, the waiting runs of each caller, callers in turn: a container that
+        # comes free goes to the caller first in line, who then goes to the back.
+        self.waiters: dict[str, dict[str, collections.deque[asyncio.Future[Lease]]]] = {
+            k: {} for k in kinds}
         self.leased = 0
         self.ids = itertools.count(1)
         self.asked: dict[int, asyncio.Future[PoolStats]] = {}
@@ -116,17 +118,23 @@ class PoolClient:
 
     def _give(self, lease: Lease) -> None:
         kind = lease.kind if lease.kind in self.idle else self.kinds[0]
-        waiters = self.waiters[kind]
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                self.leased += 1
-                waiter.set_result(lease)
-                return
+        callers = self.waiters[kind]
+        while callers:
+            caller, waiting = next(iter(callers.items()))
+            del callers[caller]
+            while waiting:
+                waiter = waiting.popleft()
+                if not waiter.done():
+                    if waiting:  # to the back of the line, behind every other caller
+                        callers[caller] = waiting
+                    self.leased += 1
+                    waiter.set_result(lease)
+                    return
         self.idle[kind].append(lease)
 
-    async def acquire(self, kind: str) -> Lease:
-        """An idle container of `kind` (the first kind if it has none configured)."""
+    async def acquire(self, kind: str, caller: str = "") -> Lease:
+        """An idle container of `kind` (the first kind if it has none configured); when
+        none is idle, `caller` waits its turn among the callers waiting for one."""
         if self.closed.done():
             raise ChannelError(f"the pool manager is gone: {self.closed.result()}")
         kind = kind if kind in self.idle else self.kinds[0]
@@ -134,23 +142,34 @@ class PoolClient:
             self.leased += 1
             return self.idle[kind].popleft()
         waiter: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
-        self.waiters[kind].append(waiter)
+        self.waiters[kind].setdefault(caller, collections.deque()).append(waiter)
         try:
             return await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():  # given, then given up on
                 self.leased -= 1
                 self._give(waiter.result())
+            else:
+                self._forget(kind, caller, waiter)
             raise
 
-    def release(self, lease: Lease, dirty: bool) -> None:
+    def _forget(self, kind: str, caller: str, waiter: asyncio.Future[Lease]) -> None:
+        waiting = self.waiters[kind].get(caller)
+        if waiting is not None:
+            with contextlib.suppress(ValueError):
+                waiting.remove(waiter)
+            if not waiting:
+                del self.waiters[kind][caller]
+
+    def release(self, lease: Lease, dirty: str = "") -> None:
+        """Back to the idle containers, or, given why it is `dirty`, to the manager."""
         self.leased -= 1
         if not dirty:
             self._give(lease)
             return
         lease.close()
         with contextlib.suppress(ConnectionError, RuntimeError):
-            write(self.writer, Recycle(lease.name))
+            write(self.writer, Recycle(lease.name, dirty))
 
     @property
     def idle_count(self) -> int:

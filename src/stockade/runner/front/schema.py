@@ -25,12 +25,14 @@ LanguageName = Literal["python", "py", "python3"]
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, field: str | None = None, *,
+                 retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.field = field
+        self.retry_after = retry_after  # seconds, for 429 and 503
 
 
 class ErrorDetail(msgspec.Struct, frozen=True):

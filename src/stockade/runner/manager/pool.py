@@ -18,7 +18,7 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from stockade.runner import channel
+from stockade.runner import channel, logs
 from stockade.runner.config import Kind, RunnerConfig, kinds
 from stockade.runner.manager.containers import ContainerError, Containers
 
@@ -61,13 +61,16 @@ class Pool:
         try:
             while not self.closing:
                 name = next(self.names)
+                began = time.monotonic()
                 try:
                     await self._in_lxc(self._start, name)
                     await self._await_serving(name)
                 except Exception as exc:  # the pool must outlive any one failed start
                     self.create_failures += 1
                     self.failing = True
-                    log.warning(f"cannot start {name}: {exc} (next try in {delay:.0f} s)")
+                    logs.event(log, "container_failed", f"cannot start {name}: {exc} (next "
+                               f"try in {delay:.0f} s)", level=logging.WARNING, container=name,
+                               kind=self.kind.name, retry_in_s=delay)
                     await asyncio.sleep(delay)
                     delay = min(2 * delay, MAX_RETRY_DELAY_S)  # a broken host is not hammered
                     continue
@@ -77,6 +80,9 @@ class Pool:
                     return
                 if replacing_since is not None:
                     self.last_recycle_s = time.monotonic() - replacing_since
+                logs.event(log, "container_created", f"{name} serves", container=name,
+                           kind=self.kind.name, seconds=round(time.monotonic() - began, 3),
+                           replacing=replacing_since is not None)
                 self.live.add(name)
                 self.announce(self, name)
                 return
@@ -104,8 +110,10 @@ class Pool:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def recycle(self, name: str) -> None:
+    def recycle(self, name: str, reason: str) -> None:
         """Replace a container a run left dirty: the replacement starts first."""
+        logs.event(log, "container_destroyed", f"destroying {name}: {reason}", container=name,
+                   kind=self.kind.name, reason=reason)
         self.live.discard(name)
         self.recycled += 1
         since = time.monotonic()
@@ -154,7 +162,10 @@ class Manager:
             channel.write(self.writer, channel.Ready(name, pool.kind.name, socket_path))
 
     async def fill(self) -> None:
+        began = time.monotonic()
         await asyncio.gather(*(pool.fill() for pool in self.pools))
+        logs.event(log, "pool_warm", "every container is up", seconds=round(
+            time.monotonic() - began, 3), size={p.kind.name: p.size for p in self.pools})
 
     def stats(self, request_id: int) -> channel.PoolStats:
         return channel.PoolStats(
@@ -176,7 +187,7 @@ class Manager:
                     if pool is None:
                         log.warning(f"ignored a recycle of {message.name!r}, never handed over")
                     else:
-                        pool.recycle(message.name)
+                        pool.recycle(message.name, message.reason)
                 else:
                     channel.write(self.writer, self.stats(message.id))
         except channel.ChannelError as exc:
