@@ -10,11 +10,13 @@ this host's loopback by qemu's user-mode network.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
 import socket
 import subprocess
-from collections.abc import Mapping
+import urllib.request
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +146,39 @@ def host(instance: Instance) -> testinfra.host.Host:
                                   ssh_extra_args=shlex.join(SSH_OPTIONS),
                                   controlpath=f"/tmp/stockade-testinfra-{os.getpid()}")
     return testinfra.host.Host(LxcAttachBackend(instance.name))
+
+
+STOCKADE = "/opt/stockade/venv/bin/stockade"
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """A client of the instance's API through its nginx, with an API key (or none)."""
+
+    instance: Instance
+    key: str | None
+
+    def request(self, path: str, body: Any = None) -> urllib.request.Request:
+        headers = {"Content-Type": "application/json"}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
+        data = None if body is None else json.dumps(body).encode()
+        return urllib.request.Request(self.instance.url(path), data=data, headers=headers)
+
+
+def api_key_name() -> str:
+    return f"testinfra-{os.getpid()}"
+
+
+@pytest.fixture(scope="session")
+def api_key(host: testinfra.host.Host) -> Iterator[str]:
+    """A key made on the host with `stockade keys add`, as its operator would; revoked after."""
+    name = api_key_name()
+    key = host.check_output(f"{STOCKADE} keys add {name} --scope runs --scope metrics")
+    yield key.strip()
+    host.run(f"{STOCKADE} keys revoke {name}")
+
+
+@pytest.fixture(scope="session")
+def caller(instance: Instance, api_key: str) -> Caller:
+    return Caller(instance, api_key)

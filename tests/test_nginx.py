@@ -89,3 +89,31 @@ def test_nginx_passes_the_request_id_through_and_answers_its_own_errors_with_one
     while not all(w in access_log.read_text() for w in wanted):
         assert time.monotonic() < deadline, access_log.read_text()
         time.sleep(0.1)
+
+
+def _logged_client(proxy: NginxProcess, request_id: str) -> str:
+    """The client address nginx logged (and keyed its per-client limits on) for a request."""
+    access_log = Path(proxy.dir.name) / "access.log"
+    deadline = time.monotonic() + 10
+    while f"id={request_id}" not in access_log.read_text():
+        assert time.monotonic() < deadline, access_log.read_text()
+        time.sleep(0.1)
+    line = next(line for line in access_log.read_text().splitlines()
+                if f"id={request_id}" in line)
+    return line.split()[0]
+
+
+def test_behind_a_trusted_balancer_the_client_is_the_forwarded_address(
+        nginx: NginxProcess) -> None:
+    forwarded = {"X-Forwarded-For": "198.51.100.7"}
+    # Not a trusted balancer: a client's own X-Forwarded-For changes nothing.
+    request(nginx.port, "GET", "/healthz", headers={**forwarded, "X-Request-Id": "xff-1"})
+    assert _logged_client(nginx, "xff-1") == "127.0.0.1"
+    balanced = NginxProcess(nginx.runner, nginx.port + 7, trusted_proxies=["127.0.0.1"])
+    balanced.start()
+    try:
+        request(balanced.port, "GET", "/healthz",
+                headers={**forwarded, "X-Request-Id": "xff-2"})
+        assert _logged_client(balanced, "xff-2") == "198.51.100.7"
+    finally:
+        balanced.stop()

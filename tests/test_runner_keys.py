@@ -113,7 +113,7 @@ def test_the_key_file_keeps_hashes_only(runner: RunnerProcess) -> None:
     key = runner.add_key("stored")
     path = Path(runner.config.keys_file)
     text = path.read_text()
-    assert key.split("_")[-1] not in text and "scrypt$16384$8$1$" in text
+    assert key.split("_", 2)[2] not in text and "scrypt$16384$8$1$" in text
     mode = path.stat()
     assert stat.S_IMODE(mode.st_mode) == 0o640 and mode.st_uid == 0
     listed = subprocess.run([sys.executable, "-m", "stockade", "keys", "list", "--config",
@@ -154,3 +154,17 @@ def test_each_run_is_one_json_log_line_naming_its_key(runner: RunnerProcess) -> 
         assert field in run, field
     events = {line["event"] for line in lines}
     assert {"config_loaded", "container_created", "pool_warm", "serving"} <= events
+
+
+def test_stockade_run_takes_its_key_from_the_environment(runner: RunnerProcess,
+                                                         tmp_path: Path) -> None:
+    program = tmp_path / "hello.py"
+    program.write_text("print('keyed')")
+    argv = [sys.executable, "-m", "stockade", "run", "--url",
+            f"http://127.0.0.1:{runner.port}", str(program)]
+    env = {"PATH": "/usr/bin:/bin"}
+    refused = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+    assert refused.returncode == 2 and "refused: key_required" in refused.stderr
+    env["STOCKADE_API_KEY"] = runner.add_key("cli")
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0 and done.stdout == "keyed\n", done.stderr

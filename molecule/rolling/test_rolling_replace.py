@@ -3,7 +3,8 @@ host image (`make image`) as nested LXC system containers on lxcbr0, behind an n
 balancer on this host's loopback, with clients sending runs throughout.
 
 - A full rollout (ansible/rolling_replace.yml) replaces every host, and no client request
-  fails.
+  fails. Each new host gets the fleet's key file and believes the balancer's
+  X-Forwarded-For, so its nginx sees (and limits) the real client, not the balancer.
 - A rollout of a deliberately broken image (its runner config does not parse) stops at the
   canary: the other hosts stay on the image they had and keep serving, and no client
   request fails.
@@ -68,12 +69,28 @@ def address(host: str) -> str:
     return next(a for a in sh("lxc-info", "-n", host, "-iH").split() if "." in a)
 
 
+def bridge_address() -> str:
+    """This host's address on the bridge: where the balancer's requests come from."""
+    return sh("ip", "-4", "-o", "addr", "show", "lxcbr0").split()[3].split("/")[0]
+
+
+def make_key(work: Path) -> tuple[Path, str]:
+    """The fleet's key file, made as an operator makes it, and its one key."""
+    config = work / "keys-config.json"
+    config.write_text(json.dumps({"keys_file": str(work / "keys.json")}))
+    key = sh(str(ROOT / ".venv" / "bin" / "stockade"), "keys", "add", "load", "--scope", "runs",
+             "--scope", "metrics", "--config", str(config)).strip()
+    return work / "keys.json", key
+
+
 @dataclasses.dataclass
 class Fleet:
     work: Path
     images: dict[str, Path]
     lb_port: int
     inventory: Path
+    keys_file: Path
+    key: str
 
     def write_inventory(self, addresses: bool) -> None:
         hosts = {h: ({"rolling_address": address(h)} if addresses else {}) for h in HOSTS}
@@ -86,6 +103,9 @@ class Fleet:
                 "rolling_lb_nginx_args": f"-p {self.work / 'lb'} -c {self.work / 'lb/nginx.conf'}",
                 # A healthy host is ready in well under this; the broken one never is.
                 "rolling_ready_timeout": READY_TIMEOUT_S,
+                "rolling_keys_file": str(self.keys_file),
+                "rolling_api_key": self.key,
+                "rolling_trusted_proxies": [bridge_address()],
             }}}))
 
     def playbook(self, name: str, image: str) -> subprocess.CompletedProcess[str]:
@@ -100,8 +120,9 @@ class Fleet:
 class Load:
     """Clients posting runs to the load balancer until stopped; every failure is kept."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, key: str) -> None:
         self.url = f"http://127.0.0.1:{port}/v1/runs"
+        self.headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.done = 0
@@ -116,8 +137,7 @@ class Load:
             n += 1
             value = index * 1_000_000 + n
             body = json.dumps({"code": f"print({value})"}).encode()
-            request = urllib.request.Request(self.url, data=body,
-                                             headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(self.url, data=body, headers=self.headers)
             try:
                 with urllib.request.urlopen(request, timeout=60) as answer:
                     record = json.load(answer)
@@ -174,6 +194,7 @@ http {{
             proxy_pass http://stockade_fleet;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_next_upstream error timeout;
             proxy_connect_timeout 2s;
             proxy_read_timeout 60s;
@@ -205,7 +226,8 @@ def fleet() -> Iterator[Fleet]:
     work = Path(tempfile.mkdtemp(prefix="stockade-roll-", dir="/var/tmp"))
     lb = work / "lb"
     try:
-        fleet = Fleet(work, unpack_images(work), free_port(), work / "inventory.yml")
+        fleet = Fleet(work, unpack_images(work), free_port(), work / "inventory.yml",
+                      *make_key(work))
         start_lb(lb, fleet.lb_port)
         fleet.write_inventory(addresses=False)
         made = fleet.playbook("lxc_fleet.yml", "old")
@@ -228,7 +250,7 @@ def upstream(fleet: Fleet) -> list[str]:
 def test_full_rollout_replaces_every_host_with_no_failed_request(fleet: Fleet) -> None:
     before = {h: machine_id(h) for h in HOSTS}
     assert {stamp(h)["STOCKADE_COMMIT"] for h in HOSTS} == {OLD_COMMIT}
-    load = Load(fleet.lb_port)
+    load = Load(fleet.lb_port, fleet.key)
     rollout = fleet.playbook("rolling_replace.yml", "new")
     done, failures = load.finish()
     assert rollout.returncode == 0, rollout.stdout[-6000:] + rollout.stderr[-3000:]
@@ -239,13 +261,20 @@ def test_full_rollout_replaces_every_host_with_no_failed_request(fleet: Fleet) -
         assert f"STOCKADE_COMMIT={stamp(host)['STOCKADE_COMMIT']}" in new_commit, host
         assert machine_id(host) != before[host], f"{host} was not replaced"
     assert upstream(fleet) == sorted(address(h) for h in HOSTS)
+    # The balancer's clients are on this host's loopback, and the hosts' nginx saw them so
+    # (it would see the balancer's bridge address without real-ip; the rollout's own
+    # checks come from that address directly, so they are logged with it).
+    for host in HOSTS:
+        runs = [line for line in attach(host, "cat", "/var/log/nginx/access.log").splitlines()
+                if '"POST /v1/runs' in line]
+        assert any(line.startswith("127.0.0.1 ") for line in runs), runs[-3:]
     print(f"full rollout: {done} requests, 0 failed")
 
 
 def test_broken_image_stops_at_the_canary_with_no_failed_request(fleet: Fleet) -> None:
     fleet.write_inventory(addresses=True)
     before = {h: machine_id(h) for h in HOSTS}
-    load = Load(fleet.lb_port)
+    load = Load(fleet.lb_port, fleet.key)
     rollout = fleet.playbook("rolling_replace.yml", "broken")
     done, failures = load.finish()
     assert rollout.returncode != 0, "the broken image's rollout succeeded"

@@ -31,6 +31,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 MAX_STDIN = 16 << 20
 MAX_SOURCE = 4 << 20
 MAX_INPUT_FILE = 16 << 20
+KEY_ENV = "STOCKADE_API_KEY"  # an environment variable, so the key stays out of `ps`
 
 
 
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("-o", "--out", metavar="DIR",
                     help="save the files the program left under out/ to DIR")
     rn.add_argument("--url", default="http://127.0.0.1:8080", help="the runner's base URL")
+    rn.epilog = f"The API key, where the runner needs one, comes from ${KEY_ENV}."
 
     dr = sub.add_parser("doctor", help="check that this host can serve (and build the image)")
     dr.add_argument("--serve-only", action="store_true",
@@ -114,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     ng = sub.add_parser("nginx-config", help="print the nginx site config for a runner")
     ng.add_argument("--listen", default="80", help="nginx listen directive value (default 80)")
     ng.add_argument("--upstream", default="127.0.0.1:8080", help="the runner's HOST:PORT")
+    ng.add_argument("--trusted-proxy", dest="trusted_proxies", action="append", default=[],
+                    metavar="CIDR", help="a balancer whose X-Forwarded-For names the client; "
+                    "repeatable")
     ng.add_argument("--config", metavar="FILE", help=f"JSON config (default {DEFAULT_CONFIG})")
     return parser
 
@@ -322,7 +327,12 @@ def cmd_nginx_config(args: argparse.Namespace) -> int:
     from stockade.runner.front import nginx  # noqa: PLC0415 - keeps `exec` light
 
     config = _runner_config(args.config)
-    sys.stdout.write(nginx.render(config, listen=args.listen, upstream=args.upstream))
+    try:
+        site = nginx.render(config, listen=args.listen, upstream=args.upstream,
+                            trusted_proxies=args.trusted_proxies)
+    except ValueError as exc:
+        raise UsageError(f"--trusted-proxy: {exc}") from None
+    sys.stdout.write(site)
     return EXIT_OK
 
 
@@ -355,7 +365,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          args=list(args.args), files=[_input_file(f) for f in args.files],
                          limits=_requested_limits(args))
     try:
-        result = remote.run(args.url, request)
+        result = remote.run(args.url, request, os.environ.get(KEY_ENV))
         saved = remote.save_files(result.files, Path(args.out)) if args.out else []
     except remote.RemoteError as exc:
         if exc.usage:

@@ -26,13 +26,16 @@ class RemoteError(RuntimeError):
         self.usage = usage  # the request was refused: the caller's input is at fault
 
 
-def run(url: str, request: RunRequest) -> Result:
+def run(url: str, request: RunRequest, key: str | None = None) -> Result:
+    """The run's result from the runner at `url`, with `key` as the API key if given."""
     if not url.startswith(("http://", "https://")):
         raise RemoteError(f"--url must be an http:// or https:// URL, got {url!r}", usage=True)
     body = msgspec.json.encode(request)
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
     http_request = urllib.request.Request(  # noqa: S310 - the scheme was checked above
-        f"{url.rstrip('/')}/v1/runs", data=body, method="POST",
-        headers={"Content-Type": "application/json"})
+        f"{url.rstrip('/')}/v1/runs", data=body, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(http_request, timeout=TIMEOUT_S) as answer:  # noqa: S310
             return msgspec.json.decode(answer.read(MAX_ANSWER), type=Result)

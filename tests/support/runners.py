@@ -11,10 +11,11 @@ from support.leftovers import runner_leftovers
 
 
 @contextlib.contextmanager
-def own_runner(config: RunnerConfig) -> Iterator[RunnerProcess]:
-    """A started runner; on the way out it is stopped (if still up) and must leave nothing."""
+def own_runner(config: RunnerConfig, wait: bool = True) -> Iterator[RunnerProcess]:
+    """A started runner (ready, unless not `wait`); on the way out it is stopped (if still
+    up) and must leave nothing."""
     process = RunnerProcess(config)
-    process.start()
+    process.start(wait=wait)
     try:
         yield process
     finally:

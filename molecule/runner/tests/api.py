@@ -1,4 +1,4 @@
-"""Talking to the runner through nginx on the scenario's host, from the Molecule host."""
+"""Runs through nginx on the scenario's host, from the Molecule host."""
 
 from __future__ import annotations
 
@@ -7,13 +7,11 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from conftest import Instance
+from conftest import Caller
 
 
-def post_run(instance: Instance, code: str, timeout: float = 60, **limits: Any) -> dict[str, Any]:
-    body = json.dumps({"code": code, "limits": limits}).encode()
-    request = urllib.request.Request(instance.url("/v1/runs"), data=body,
-                                     headers={"Content-Type": "application/json"})
+def post_run(caller: Caller, code: str, timeout: float = 60, **limits: Any) -> dict[str, Any]:
+    request = caller.request("/v1/runs", {"code": code, "limits": limits})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as answer:
             record: dict[str, Any] = json.load(answer)

@@ -11,7 +11,7 @@ import pytest
 import testinfra.host
 
 from api import post_run
-from conftest import Instance
+from conftest import Caller
 
 # The sandbox's own per-process ceilings (SandboxConfig defaults).
 NOFILE, NPROC, STACK_MIB = 256, 512, 8
@@ -37,8 +37,8 @@ def config(host: testinfra.host.Host) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def report(instance: Instance) -> dict[str, Any]:
-    record = post_run(instance, REPORT)
+def report(caller: Caller) -> dict[str, Any]:
+    record = post_run(caller, REPORT)
     assert record["status"] == "ok", record
     result: dict[str, Any] = json.loads(record["stdout"])
     return result
@@ -86,8 +86,8 @@ def test_rlimits_are_the_configured_ones(report: dict[str, Any], config: dict[st
     assert report["limits"][name] == expected_rlimit(config, name)
 
 
-def test_a_request_s_own_limits_reach_the_rlimits(instance: Instance) -> None:
-    record = post_run(instance, REPORT, cpu_time_s=5, file_size_kib=2048)
+def test_a_request_s_own_limits_reach_the_rlimits(caller: Caller) -> None:
+    record = post_run(caller, REPORT, cpu_time_s=5, file_size_kib=2048)
     limits = json.loads(record["stdout"])["limits"]
     assert limits["Max cpu time"] == ["5", "6"]
     assert limits["Max file size"] == [str(2048 * 1024)] * 2

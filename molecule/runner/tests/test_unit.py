@@ -7,6 +7,8 @@ import pytest
 import testinfra.host
 
 PROPERTIES = [
+    ("Type", "notify"),
+    ("NotifyAccess", "main"),
     ("NoNewPrivileges", "yes"),
     ("ProtectSystem", "strict"),
     ("ProtectHome", "yes"),
@@ -103,3 +105,14 @@ def test_service_cannot_write_outside_its_paths(host: testinfra.host.Host,
     """Behaviour: in the service's own mount namespace /usr is read-only."""
     tried = host.run(f"nsenter --target {show['MainPID']} --mount touch /usr/stockade-probe")
     assert tried.rc != 0 and "Read-only file system" in tried.stderr
+
+
+def test_a_start_returns_once_the_pool_is_warm(host: testinfra.host.Host) -> None:
+    """Type=notify: READY=1 comes when every container is up, so right after `systemctl
+    restart` returns, /readyz is 200 (the rolling replacement relies on it)."""
+    ready = host.run("systemctl restart stockade-runner && /opt/stockade/venv/bin/python -c "
+                     "'import urllib.request as u; print(u.urlopen(\"http://127.0.0.1:8080"
+                     "/readyz\", timeout=5).status)'")
+    assert ready.rc == 0 and ready.stdout.strip() == "200", ready.stderr
+    status = host.check_output("systemctl show -p StatusText --value stockade-runner")
+    assert status.startswith("serving with "), status

@@ -227,13 +227,15 @@ def serving(config: RunnerConfig, nginx_port: int) -> Iterator[tuple[RunnerProce
 class NginxProcess(Client):
     """nginx with the rendered stockade site, in a directory of its own."""
 
-    def __init__(self, runner: RunnerConfig, port: int) -> None:
+    def __init__(self, runner: RunnerConfig, port: int,
+                 trusted_proxies: list[str] | None = None) -> None:
         super().__init__(port)
         self.runner = runner
         self.dir = tempfile.TemporaryDirectory(prefix="stockade-nginx-local-")
         root = Path(self.dir.name)
         root.chmod(0o711)  # nginx's workers (nobody) reach the body temp dir the master makes
-        site = nginx.render(runner, listen=f"127.0.0.1:{port}", access_log=f"{root}/access.log")
+        site = nginx.render(runner, listen=f"127.0.0.1:{port}", access_log=f"{root}/access.log",
+                            trusted_proxies=trusted_proxies)
         (root / "stockade.conf").write_text(site)
         (root / "nginx.conf").write_text(f"""
 daemon off;

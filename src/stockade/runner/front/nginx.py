@@ -4,6 +4,7 @@ the nginx role."""
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import string
 
@@ -23,7 +24,7 @@ map $$http_x_request_id $$stockade_request_id {
 }
 log_format stockade '$$remote_addr [$$time_local] "$$request" $$status $$body_bytes_sent '
                     '$$request_time id=$$stockade_request_id';
-
+${real_ip}
 upstream stockade_runner {
     server ${upstream};
     keepalive 32;
@@ -71,11 +72,26 @@ server {
 """)
 
 
+def real_ip(trusted_proxies: list[str]) -> str:
+    """Behind a balancer every client has the balancer's address, and one per-client limit
+    for all: the address a trusted balancer puts in X-Forwarded-For is the client's.
+    Only the listed balancers are believed (a client's own header is not)."""
+    if not trusted_proxies:
+        return ""
+    lines = ["# Clients' addresses as the trusted balancers report them (X-Forwarded-For)."]
+    for proxy in trusted_proxies:
+        ipaddress.ip_network(proxy, strict=False)  # a ValueError names a bad one
+        lines.append(f"set_real_ip_from {proxy};")
+    return "\n".join([*lines, "real_ip_header X-Forwarded-For;", "real_ip_recursive on;", ""])
+
+
 def render(config: RunnerConfig, listen: str = "80", upstream: str | None = None, *,
            connections: int = 64, rate: int = 200, burst: int = 400,
-           access_log: str = "/var/log/nginx/access.log") -> str:
+           access_log: str = "/var/log/nginx/access.log",
+           trusted_proxies: list[str] | None = None) -> str:
     read_timeout = math.ceil(config.limits.maximum.wall_time_s + config.queue_timeout_s + 10)
     return TEMPLATE.substitute(
         listen=listen, upstream=upstream or f"{config.host}:{config.port}",
         body_kib=config.max_body_kib, connections=connections, rate=rate, burst=burst,
-        read_timeout=read_timeout, request_id=REQUEST_ID.pattern, access_log=access_log)
+        read_timeout=read_timeout, request_id=REQUEST_ID.pattern, access_log=access_log,
+        real_ip=real_ip(trusted_proxies or []))
