@@ -16,9 +16,10 @@ SERVE_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libseccomp2 ma
 # nftables run lxc-net's bridge, which the Molecule scenarios' containers and the fresh
 # machine are reached on with the ssh client; fdisk (sfdisk) and qemu-utils make the host
 # image's disk, qemu-system-x86 boots it; git clones the checkout for the fresh machine,
-# openssl gives its bridge port an address (LXC's debian template).
+# openssl gives its bridge port an address (LXC's debian template); prometheus brings
+# promtool, which checks the alert rules under ops/.
 TEST_PACKAGES := nginx-light openssh-client dnsmasq-base nftables fdisk qemu-utils \
-	qemu-system-x86 git openssl
+	qemu-system-x86 git openssl prometheus
 # The venv: serving (the runner, the preloads, Ansible for the image build), then the tests.
 SERVE_EXTRAS := runner,preload,build
 TEST_EXTRAS := $(SERVE_EXTRAS),dev,ops

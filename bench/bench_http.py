@@ -28,14 +28,16 @@ RESULTS = Path(__file__).parent / "results"
 class Connection:
     """One keep-alive HTTP connection, as a real client library would hold."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, key: str | None = None) -> None:
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        self.headers = {"Content-Type": "application/json"}
+        if key:
+            self.headers["Authorization"] = f"Bearer {key}"
 
     def post(self, body: bytes, status: str = "ok", stdout: str | None = None) -> float:
         """Seconds for one run; its answer must have this status (and stdout)."""
         started = time.perf_counter()
-        self.conn.request("POST", "/v1/runs", body=body,
-                          headers={"Content-Type": "application/json"})
+        self.conn.request("POST", "/v1/runs", body=body, headers=self.headers)
         answer = self.conn.getresponse()
         raw = answer.read()
         elapsed = time.perf_counter() - started
