@@ -53,8 +53,8 @@ def test_each_run_is_a_json_line_in_the_journal(host: testinfra.host.Host,
     deadline = time.monotonic() + 10
     while True:
         lines = host.check_output("journalctl -u stockade-runner -o cat --no-pager -n 200")
-        runs = [json.loads(line) for line in lines.splitlines()
-                if line.startswith("{") and '"event": "run"' in line]
+        events = [json.loads(line) for line in lines.splitlines() if line.startswith("{")]
+        runs = [event for event in events if event["event"] == "run"]
         if any(run["key"] == name for run in runs) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
