@@ -86,6 +86,7 @@ apparmor: ## Load the pool's AppArmor profile where the kernel enforces AppArmor
 # callers need a key (`stockade keys add NAME`).
 run: packages install apparmor doctor sandbox-image ## Set up what is missing, then serve on 127.0.0.1:8080 (root).
 	@echo "==> serving on http://$(or $(LISTEN),127.0.0.1:8080) (Ctrl-C stops; make uninstall removes it all)"
+	@$(if $(LISTEN),echo "==> callers need an API key: sudo $(BIN)/stockade keys add NAME",echo "==> anyone on this host may run code without a key (LISTEN=host:port requires keys)")
 	$(BIN)/stockade serve $(if $(LISTEN),--listen $(LISTEN),--anonymous)
 
 # Packer (lxc builder, provisioned by ansible/sandbox.yml) builds the rootfs; stockade
