@@ -17,9 +17,10 @@ SERVE_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libseccomp2 ma
 # machine are reached on with the ssh client; fdisk (sfdisk) and qemu-utils make the host
 # image's disk, qemu-system-x86 boots it; git clones the checkout for the fresh machine,
 # openssl gives its bridge port an address (LXC's debian template); prometheus brings
-# promtool, which checks the alert rules under ops/.
+# promtool, which checks the alert rules under ops/; chromium and chromium-driver are the
+# real browser the playground's tests drive.
 TEST_PACKAGES := nginx-light openssh-client dnsmasq-base nftables fdisk qemu-utils \
-	qemu-system-x86 git openssl prometheus
+	qemu-system-x86 git openssl prometheus chromium chromium-driver
 # The venv: serving (the runner, the preloads, Ansible for the image build), then the tests.
 SERVE_EXTRAS := runner,preload,build
 TEST_EXTRAS := $(SERVE_EXTRAS),dev,ops
@@ -54,7 +55,14 @@ $(VENV)/.test: $(VENV)/.serve
 		$(BIN)/pip install --disable-pip-version-check -e ".[$(TEST_EXTRAS)]"
 	@touch $@
 
-install: $(VENV)/.serve ## Create .venv with what serving needs (stockade, the runner, preloads, Ansible).
+# The pages' browser libraries (Swagger UI for /docs), from the npm registry, each checked
+# against the sha512 pinned in vendor.json; no Node.js needed.
+STATIC := src/stockade/runner/front/static
+VENDORED := $(STATIC)/vendor/swagger-ui/.integrity
+$(VENDORED): $(STATIC)/vendor.json tools/vendor
+	@$(PYTHON) tools/vendor $(STATIC)
+
+install: $(VENV)/.serve $(VENDORED) ## Create .venv with what serving needs (stockade, the runner, preloads, Ansible).
 
 install-test: $(VENV)/.test ## Add the test kit to .venv (pytest, linters, Molecule, testinfra).
 

@@ -40,6 +40,7 @@ PREREQUISITES = "make,git,curl"  # what the README asks a new machine to have
 SETUP_TIMEOUT_S = 40 * 60
 HEARTBEAT_S = 30
 URL = "http://127.0.0.1:8080"
+VENDORED = "src/stockade/runner/front/static/vendor"  # the pages' libraries, fetched
 PIP_CONFIGS = [Path("/etc/pip.conf"), Path("/etc/xdg/pip/pip.conf"),
                Path("/root/.config/pip/pip.conf"), Path("/root/.pip/pip.conf")]
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -244,6 +245,22 @@ def check_runs() -> None:
     say(f"stockade run examples/hello.py: {done.stdout.strip()!r}")
 
 
+def check_pages() -> None:
+    """The playground and the API docs, with the browser library fetched at set-up."""
+    for path, words in (("/", "stockade playground"), ("/docs", "swagger-ui-bundle.js")):
+        page = attach(f"curl -fsS {URL}{path}").stdout
+        if words not in page:
+            raise FreshTestError(f"{path} is not the page it should be: {page[:300]!r}")
+    bundle = re.search(r'src="(/static/vendor/swagger-ui/swagger-ui-bundle\.js\?v=\w+)"',
+                       attach(f"curl -fsS {URL}/docs").stdout)
+    if bundle is None:
+        raise FreshTestError("/docs links no Swagger UI bundle")
+    size = attach(f"curl -fsS -o /dev/null -w '%{{size_download}}' {URL}{bundle.group(1)}")
+    if int(size.stdout) < 100_000:
+        raise FreshTestError(f"the Swagger UI bundle is {size.stdout} bytes")
+    say("the playground and the API docs: served, Swagger UI vendored")
+
+
 def check_uninstall() -> None:
     attach("pkill -INT -f '[s]tockade serve'; for i in $(seq 60); do "
            "pgrep -f '[s]tockade serve' >/dev/null || exit 0; sleep 1; done; exit 1", timeout=90)
@@ -251,7 +268,8 @@ def check_uninstall() -> None:
     left = attach("id stockade 2>/dev/null; grep -h '^root:100000:' /etc/subuid /etc/subgid; "
                   "ls -d /var/lib/stockade /run/stockade /etc/stockade 2>/dev/null; "
                   "lxc-ls -P /var/lib/stockade/containers 2>/dev/null; "
-                  f"ls -d {CHECKOUT}/.venv 2>/dev/null; true").stdout.strip()
+                  f"ls -d {CHECKOUT}/.venv {CHECKOUT}/{VENDORED} 2>/dev/null; "
+                  "true").stdout.strip()
     if left:
         raise FreshTestError(f"make uninstall left behind: {left}")
     say("make uninstall: nothing left behind")
@@ -282,6 +300,7 @@ def main() -> int:
                 start_container()
                 run_setup(command)
                 check_runs()
+                check_pages()
                 check_uninstall()
             finally:
                 keep_logs()

@@ -46,3 +46,18 @@ def test_oversized_body_is_refused_with_413(instance: Instance) -> None:
 def test_health_through_nginx(instance: Instance) -> None:
     with urllib.request.urlopen(instance.url("/readyz"), timeout=10) as answer:
         assert answer.status == 200
+
+
+def test_the_playground_and_the_api_docs_are_served(instance: Instance) -> None:
+    """The pages come with the wheel (Swagger UI vendored at build time), behind nginx."""
+    with urllib.request.urlopen(instance.url("/"), timeout=10) as answer:
+        assert "default-src 'none'" in answer.headers["Content-Security-Policy"]
+        assert b"stockade playground" in answer.read()
+    with urllib.request.urlopen(instance.url("/docs"), timeout=10) as answer:
+        page = answer.read().decode()
+    bundle = page.split('src="', 1)[1].split('"', 1)[0]
+    assert bundle.startswith("/static/vendor/swagger-ui/swagger-ui-bundle.js?v=")
+    request = urllib.request.Request(instance.url(bundle), headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        assert answer.headers["Content-Encoding"] == "gzip"
+        assert "immutable" in answer.headers["Cache-Control"]

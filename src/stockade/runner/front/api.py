@@ -26,6 +26,7 @@ from stockade.runner.channel import ChannelError, PoolStats
 from stockade.runner.config import RunnerConfig, kind_for
 from stockade.runner.front import metrics, openapi, piston, schema
 from stockade.runner.front.metrics import Metrics
+from stockade.runner.front.pages import Pages
 from stockade.runner.front.pool_client import Lease, PoolClient, connect_trusted
 from stockade.runner.front.schema import ApiError
 from stockade.runner.front.tenants import Tenant, Tenants
@@ -280,6 +281,7 @@ class Api:
             web.get("/openapi.json", self.get_openapi),
             web.get("/api/v2/runtimes", self.piston_runtimes),
             web.post("/api/v2/execute", self.piston_execute),
+            *Pages().routes(),
         ])
         return app
 

@@ -51,6 +51,13 @@ server {
     limit_req zone=stockade_rate burst=${burst} nodelay;
     limit_req_status 503;
 
+    # The pages' own files travel compressed (the API docs' library is ~1.7 MB); the API's
+    # answers do not (they echo what a caller sent: no compression oracle).
+    gzip on;
+    gzip_types text/css text/javascript;
+    gzip_min_length 1024;
+    gzip_proxied any;
+
     access_log ${access_log} stockade;
     add_header X-Request-Id $$stockade_request_id always;
 
