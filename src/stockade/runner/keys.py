@@ -192,6 +192,9 @@ class KeyRing:
             seen: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
             seen = None
+        except OSError as exc:
+            raise KeyFileError(f"cannot reach the key file {self.path}: {exc.strerror} (the "
+                               "runner's user must be able to enter its directory)") from None
         if self.loaded and seen == self.seen:
             return
         found = read(self.path)

@@ -30,6 +30,7 @@ from stockade.runner import keys, logs
 from stockade.runner.config import RunnerConfig, host_memory_mib, kinds, pool_memory_cap_mib
 from stockade.runner.front.api import Api, Runs
 from stockade.runner.front.metrics import Metrics
+from stockade.runner.front.pages import Pages
 from stockade.runner.front.pool_client import PoolClient
 from stockade.runner.front.tenants import Tenants
 from stockade.runner.keys import KeyRing
@@ -164,6 +165,7 @@ def serve(config: RunnerConfig) -> int:
         containers, user = prepare_host(config)
         listener = listen(config)
         python = (images.read_stamp(config) or images.Stamp("", 0, "unknown", [])).python
+        pages = Pages()  # read as root: the checkout may be where the runner user cannot read
         manager_end, front_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         manager_pid = os.getpid()
         front_pid = os.fork()
@@ -176,9 +178,9 @@ def serve(config: RunnerConfig) -> int:
                 libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
                 if os.getppid() != manager_pid:
                     raise ServiceError("the pool manager exited before the front started")
-                code = asyncio.run(front_main(config, front_end, listener, python))
+                code = asyncio.run(front_main(config, front_end, listener, python, pages))
             except BaseException as exc:  # report, then leave without running cleanup
-                log.error(f"the front failed: {exc!r}")
+                log.error(f"the front failed: {type(exc).__name__}: {exc}")
             finally:
                 os._exit(code)
         front_end.close()
@@ -264,12 +266,12 @@ async def _front_exit_code(pid: int, timeout_s: float) -> int:
 
 
 async def front_main(config: RunnerConfig, channel: socket.socket, listener: socket.socket,
-                     python: str) -> int:
+                     python: str, pages: Pages) -> int:
     reader, writer = await asyncio.open_unix_connection(sock=channel)
     pool = PoolClient(reader, writer, [kind.name for kind in kinds(config)])
     ring = KeyRing(Path(config.keys_file))
     runs = Runs(config, pool, Metrics(python))
-    app = Api(config, runs, Tenants(config, ring), python).app()
+    app = Api(config, runs, Tenants(config, ring), python, pages).app()
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.SockSite(runner, listener)

@@ -260,8 +260,9 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 class Api:
     def __init__(self, config: RunnerConfig, runs: Runs, tenants: Tenants,
-                 python_version: str) -> None:
+                 python_version: str, pages: Pages) -> None:
         self.config = config
+        self.pages = pages
         self.runs = runs
         self.pool = runs.pool
         self.metrics = runs.metrics
@@ -281,7 +282,7 @@ class Api:
             web.get("/openapi.json", self.get_openapi),
             web.get("/api/v2/runtimes", self.piston_runtimes),
             web.post("/api/v2/execute", self.piston_execute),
-            *Pages().routes(),
+            *self.pages.routes(),
         ])
         return app
 
