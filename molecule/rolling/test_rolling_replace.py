@@ -75,11 +75,13 @@ def bridge_address() -> str:
 
 
 def make_key(work: Path) -> tuple[Path, str]:
-    """The fleet's key file, made as an operator makes it, and its one key."""
+    """The fleet's key file, made as an operator makes it, and its one key: with room for
+    the whole load on one host (a key's default, 600 runs a minute, is per host)."""
     config = work / "keys-config.json"
     config.write_text(json.dumps({"keys_file": str(work / "keys.json")}))
     key = sh(str(ROOT / ".venv" / "bin" / "stockade"), "keys", "add", "load", "--scope", "runs",
-             "--scope", "metrics", "--config", str(config)).strip()
+             "--scope", "metrics", "--runs-per-minute", "100000", "--config",
+             str(config)).strip()
     return work / "keys.json", key
 
 
