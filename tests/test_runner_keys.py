@@ -60,8 +60,11 @@ def test_what_needs_no_key(runner: RunnerProcess) -> None:
 
 
 def test_a_key_runs_code_and_its_own_caps_give_403(runner: RunnerProcess) -> None:
-    client = runner.with_key(runner.add_key("capped", "--max-memory", "64"))
+    key = runner.add_key("capped", "--max-memory", "64")
+    client = runner.with_key(key)
     assert client.run("print(6 * 7)").stdout == "42\n"
+    # The scheme's name is case-insensitive.
+    assert runner.post_with({"Authorization": f"bearer {key}"}, "/v1/runs", RUN).status == 200
     detail = error(client.post("/v1/runs", {**RUN, "limits": {"memory_mib": 100}}), 403,
                    "limit_not_allowed")
     assert detail["field"] == "limits.memory_mib" and "64" in detail["message"]

@@ -182,6 +182,7 @@ class KeyRing:
         self.verified: dict[bytes, str] = {}  # SHA-256 of a presented key -> its record id
         self.seen: tuple[int, int, int] | None = None
         self.loaded = False
+        self.broken: str | None = None  # the key file's last problem, already logged
         self.checked = 0.0
         self.hashing = threading.Lock()  # one scrypt at a time: guessing cannot eat the CPUs
         self.reload()
@@ -213,7 +214,11 @@ class KeyRing:
         try:
             self.reload()
         except KeyFileError as exc:
-            log.warning(f"keeping the {len(self.by_id)} keys loaded before: {exc}")
+            if str(exc) != self.broken:  # once per new problem, not once a second
+                log.warning(f"keeping the {len(self.by_id)} keys loaded before: {exc}")
+            self.broken = str(exc)
+        else:
+            self.broken = None
 
     def known(self, key: str) -> KeyRecord | None:
         """The record a well-formed key claims to be, or None; no hashing yet."""

@@ -19,7 +19,6 @@ from stockade.runner.front.schema import ApiError
 from stockade.runner.keys import KEY, KeyRing, Quota
 
 ANONYMOUS = "anonymous"
-BEARER = "Bearer "
 
 
 @dataclass
@@ -99,10 +98,11 @@ class Tenants:
                                "`Authorization: Bearer <key>` (operators make keys with "
                                "`stockade keys add NAME`)")
             return self._tenant(ANONYMOUS, self.config.anonymous)
-        if not authorization.startswith(BEARER):
+        scheme, _, key = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer":  # schemes are case-insensitive (RFC 9110)
             raise ApiError(401, "invalid_key", "the Authorization header must be "
                            "`Bearer <key>`")
-        key = authorization[len(BEARER):].strip()
+        key = key.strip()
         self.ring.maybe_reload(now_please=KEY.fullmatch(key) is not None
                                and self.ring.known(key) is None)
         record = self.ring.cached(key)
