@@ -240,7 +240,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _runner_config(args.config, args.listen)
     if args.anonymous and config.anonymous is None:
-        config = msgspec.structs.replace(config, anonymous=keys.Quota(scopes=["runs"]))
+        config = msgspec.structs.replace(config, anonymous=keys.Quota())
     try:
         return service.serve(config)
     except service.ServiceError as exc:
@@ -296,13 +296,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
             keys.revoke(path, args.name, group)
             print(f"stockade: revoked {args.name}", file=sys.stderr)
             return EXIT_OK
-        maximum = LimitsIn(**{f.name: getattr(args, f"max_{f.name}")
-                              for f in limits_module.FIELDS})
-        quota = keys.Quota(runs_per_minute=args.runs_per_minute,
-                           concurrency=args.concurrency, queue=args.queue,
-                           maximum=maximum, scopes=args.scopes or ["runs"])
-        key = keys.add(path, args.name, msgspec.convert(msgspec.to_builtins(quota),
-                                                        keys.Quota), group)
+        quota = msgspec.convert({  # converted, so the quota's bounds are checked
+            "runs_per_minute": args.runs_per_minute, "concurrency": args.concurrency,
+            "queue": args.queue, "scopes": args.scopes or ["runs"],
+            "maximum": {f.name: getattr(args, f"max_{f.name}") for f in limits_module.FIELDS},
+        }, keys.Quota)
+        key = keys.add(path, args.name, quota, group)
     except (keys.KeyFileError, msgspec.ValidationError) as exc:
         raise UsageError(str(exc)) from None
     print(key)
