@@ -50,7 +50,7 @@ def test_without_a_key_runs_are_refused_with_401(runner: RunnerProcess) -> None:
 @pytest.mark.parametrize("header", ["Basic dXNlcjpwYXNz", "Bearer nope",
                                     "Bearer stk_000000000000_" + "A" * 43])
 def test_a_wrong_key_is_refused_with_401(runner: RunnerProcess, header: str) -> None:
-    answer = runner.post_with({"Authorization": header}, "/v1/runs", RUN)
+    answer = runner.post("/v1/runs", RUN, headers={"Authorization": header})
     error(answer, 401, "invalid_key")
 
 
@@ -64,7 +64,7 @@ def test_a_key_runs_code_and_its_own_caps_give_403(runner: RunnerProcess) -> Non
     client = runner.with_key(key)
     assert client.run("print(6 * 7)").stdout == "42\n"
     # The scheme's name is case-insensitive.
-    assert runner.post_with({"Authorization": f"bearer {key}"}, "/v1/runs", RUN).status == 200
+    assert runner.post("/v1/runs", RUN, headers={"Authorization": f"bearer {key}"}).status == 200
     detail = error(client.post("/v1/runs", {**RUN, "limits": {"memory_mib": 100}}), 403,
                    "limit_not_allowed")
     assert detail["field"] == "limits.memory_mib" and "64" in detail["message"]
@@ -144,7 +144,7 @@ def test_the_openapi_document_names_the_bearer_scheme(runner: RunnerProcess) -> 
 
 def test_each_run_is_one_json_log_line_naming_its_key(runner: RunnerProcess) -> None:
     client = runner.with_key(runner.add_key("logged"))
-    answer = client.post_with({"X-Request-Id": "trace-me-1"}, "/v1/runs", RUN)
+    answer = client.post("/v1/runs", RUN, headers={"X-Request-Id": "trace-me-1"})
     assert answer.status == 200
     time.sleep(0.2)
     lines = [json.loads(line) for line in runner.log_path.read_text().splitlines()

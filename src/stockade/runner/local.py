@@ -90,18 +90,17 @@ class Client:
     def with_key(self, key: str | None) -> Client:
         return Client(self.port, key)
 
-    def post(self, path: str, payload: Any, timeout: float = 60.0) -> Answer:
+    def post(self, path: str, payload: Any, timeout: float = 60.0,
+             headers: dict[str, str] | None = None) -> Answer:
+        """A POST of `payload` (JSON, unless bytes); `headers` add to or replace the
+        client's own (an Authorization of the caller's choosing)."""
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        own = self._headers(**{"Content-Type": "application/json"})
         return request(self.port, "POST", path, body, timeout=timeout,
-                       headers=self._headers(**{"Content-Type": "application/json"}))
+                       headers=own | (headers or {}))
 
     def get(self, path: str) -> Answer:
         return request(self.port, "GET", path, headers=self._headers())
-
-    def post_with(self, headers: dict[str, str], path: str, payload: Any) -> Answer:
-        """A POST with headers of the caller's choosing (an Authorization of its own)."""
-        return request(self.port, "POST", path, json.dumps(payload).encode(),
-                       headers=self._headers(**{"Content-Type": "application/json"}) | headers)
 
     def metric(self, name: str) -> float:
         for line in self.get("/metrics").body.decode().splitlines():

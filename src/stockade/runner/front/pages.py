@@ -41,12 +41,15 @@ MISSING_DOCS = ("<!DOCTYPE html><html lang=\"en\"><meta charset=\"utf-8\"><title
 class File:
     body: bytes
     content_type: str
-    etag: str
+    digest: str
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.digest}"'
 
 
 def _file(body: bytes, suffix: str) -> File:
-    digest = hashlib.sha256(body).hexdigest()[:20]
-    return File(body, CONTENT_TYPES[suffix], f'"{digest}"')
+    return File(body, CONTENT_TYPES[suffix], hashlib.sha256(body).hexdigest()[:20])
 
 
 class Pages:
@@ -59,7 +62,7 @@ class Pages:
                                                                      ".html")
 
     def _url(self, name: str) -> str:
-        return f"/static/{name}?v={self.assets[name].etag.strip(chr(34))}"
+        return f"/static/{name}?v={self.assets[name].digest}"
 
     def _page(self, name: str) -> File:
         html = PLACEHOLDER.sub(lambda m: self._url(m.group(1)), (STATIC / name).read_text())
@@ -80,7 +83,7 @@ class Pages:
         if found is None:
             raise web.HTTPNotFound()
         # Linked with its digest: the content at that URL never changes.
-        pinned = request.query.get("v") == found.etag.strip('"')
+        pinned = request.query.get("v") == found.digest
         return _answer(request, found, "public, max-age=31536000, immutable" if pinned
                        else "no-cache")
 
