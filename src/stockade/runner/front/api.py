@@ -25,7 +25,7 @@ from stockade.runner import logs
 from stockade.runner.channel import ChannelError, PoolStats
 from stockade.runner.config import RunnerConfig, kind_for
 from stockade.runner.front import metrics, openapi, piston, schema
-from stockade.runner.front.metrics import Metrics
+from stockade.runner.front.metrics import Metrics, RecycleReason, RejectReason
 from stockade.runner.front.pages import Pages
 from stockade.runner.front.pool_client import Lease, PoolClient, connect_trusted
 from stockade.runner.front.schema import ApiError
@@ -51,7 +51,8 @@ def _run_on(lease: Lease, owner_uid: int, job: client.Job, limits: Limits,
     return client.run(lease.connection, job, limits, outputs)
 
 
-def retire_reason(config: RunnerConfig, lease: Lease, result: Result | None) -> str | None:
+def retire_reason(config: RunnerConfig, lease: Lease,
+                  result: Result | None) -> RecycleReason | None:
     """Why the container that gave `result` (None: no result at all) must not serve again,
     if it must not. A program that failed, hit a limit or was cancelled is no such reason:
     its zygote proves every run gone before it says Idle, and exits when it cannot."""
@@ -88,8 +89,11 @@ class Runs:
         self.idle = asyncio.Event()
         self.idle.set()
 
-    def _refused(self, status: int, reason: str, message: str) -> ApiError:
+    def _count_refusal(self, reason: RejectReason) -> None:
         self.metrics.rejected.labels(reason=reason).inc()
+
+    def _refused(self, status: int, reason: RejectReason, message: str) -> ApiError:
+        self._count_refusal(reason)
         return ApiError(status, "saturated" if status == 503 else reason, message,
                         retry_after=RETRY_AFTER_S)
 
@@ -105,7 +109,7 @@ class Runs:
         try:
             tenant.spend_token()
         except ApiError:
-            self.metrics.rejected.labels(reason="rate_limited").inc()
+            self._count_refusal("rate_limited")
             raise
 
     async def execute(self, job: client.Job, limits: Limits, tenant: Tenant,
@@ -193,7 +197,7 @@ class Runs:
         else:
             self._recycle(lease, "not_idle")
 
-    def _recycle(self, lease: Lease, reason: str) -> None:
+    def _recycle(self, lease: Lease, reason: RecycleReason) -> None:
         logs.event(log, "container_recycled", f"replacing {lease.name} after {lease.runs} "
                    f"runs: {reason}", level=logging.INFO if reason in {"runs", "age"} else
                    logging.WARNING, container=lease.name, kind=lease.kind, runs=lease.runs,

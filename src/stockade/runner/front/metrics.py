@@ -5,6 +5,7 @@ takes values from a bounded set (statuses, reasons, kinds, key names from the ke
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Literal, get_args
 
 import prometheus_client
 from prometheus_client import (
@@ -22,11 +23,14 @@ import stockade
 from stockade.result import Status
 from stockade.runner.channel import PoolStats
 
-# Every reason a request is refused or a container replaced: each a series from the start.
-REJECT_REASONS = ("queue_full", "queue_timeout", "pool_gone", "rate_limited",
-                  "too_many_waiting")
-RECYCLE_REASONS = ("internal_error", "signaled", "not_idle", "hung_up", "draining", "runs",
-                   "age")
+# Every reason a request is refused or a container replaced, defined once: the front's code
+# is typed with these (mypy holds it to them), and each is a series from the start.
+RejectReason = Literal["queue_full", "queue_timeout", "pool_gone", "rate_limited",
+                       "too_many_waiting"]
+RecycleReason = Literal["internal_error", "signaled", "not_idle", "hung_up", "draining",
+                        "runs", "age"]
+REJECT_REASONS: tuple[RejectReason, ...] = get_args(RejectReason)
+RECYCLE_REASONS: tuple[RecycleReason, ...] = get_args(RecycleReason)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 # `_created` series double every counter for little use; the process start time is kept.
@@ -91,10 +95,10 @@ class Metrics:
         reg.register(self.pool)
         for status in Status:  # every status is a series from the start, at 0
             self.runs.labels(key="anonymous", status=status.value, kind="full")
-        for reason in REJECT_REASONS:
-            self.rejected.labels(reason=reason)
-        for reason in RECYCLE_REASONS:
-            self.recycles.labels(reason=reason)
+        for refused in REJECT_REASONS:
+            self.rejected.labels(reason=refused)
+        for recycled in RECYCLE_REASONS:
+            self.recycles.labels(reason=recycled)
 
     def observe_run(self, key: str, status: str, kind: str, seconds: float) -> None:
         self.runs.labels(key=key, status=status, kind=kind).inc()
