@@ -14,6 +14,7 @@ import os
 import selectors
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from stockade import protocol
@@ -23,6 +24,9 @@ from stockade.result import Outcome, OutFile, Result, Status, judge, signal_name
 REPORT_GRACE_S = 5.0  # how long past the wall-time limit a zygote may take to answer
 EOF_GRACE_S = 2.0  # how long output may keep flowing after the report
 READ_CHUNK = 65536
+# Called from the reading thread with each piece of output as it is read ("stdout" or
+# "stderr", the bytes kept within the cap): what a streaming answer forwards.
+OutputSink = Callable[[str, bytes], None]
 _SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 
 
@@ -37,16 +41,18 @@ class Job:
 class Capture:
     """Keeps the first `cap` bytes of a stream and counts the rest."""
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, name: str = "") -> None:
         self.cap = cap
+        self.name = name
         self.data = bytearray()
         self.total = 0
 
-    def feed(self, chunk: bytes) -> None:
-        room = self.cap - len(self.data)
-        if room > 0:
-            self.data += chunk[:room]
+    def feed(self, chunk: bytes) -> bytes:
+        """Keep what fits; return the part kept (empty once the cap is reached)."""
+        kept = chunk[:max(0, self.cap - len(self.data))]
+        self.data += kept
         self.total += len(chunk)
+        return kept
 
     @property
     def over(self) -> bool:
@@ -93,8 +99,9 @@ class OutputCaps:
 
 
 def run(sock: socket.socket, job: Job, limits: Limits,
-        outputs: OutputCaps | None = None) -> Result:
-    """Run `job` on the zygote behind `sock` (one run at a time per socket)."""
+        outputs: OutputCaps | None = None, sink: OutputSink | None = None) -> Result:
+    """Run `job` on the zygote behind `sock` (one run at a time per socket); `sink`, if
+    given, gets the output as it is read, within the same caps as the record."""
     outputs = outputs or OutputCaps()
     payload = protocol.encode_payload(protocol.Payload(job.code, job.args, job.files))
     # Only our ends are non-blocking: a program's writes block on a full pipe, as usual.
@@ -117,8 +124,8 @@ def run(sock: socket.socket, job: Job, limits: Limits,
         for fd in sent:
             os.close(fd)
     cap = limits.output_kib * 1024
-    streams = {out_r: Capture(cap), err_r: Capture(cap)}
-    outcome = _collect(sock, streams, limits)
+    streams = {out_r: Capture(cap, "stdout"), err_r: Capture(cap, "stderr")}
+    outcome = _collect(sock, streams, limits, sink)
     files, files_truncated = _output_files(outbox, outputs)
     stdout, stderr = streams[out_r], streams[err_r]
     status, message = judge(outcome, limits, stdout.over or stderr.over)
@@ -158,7 +165,8 @@ def _output_files(outbox: int, caps: OutputCaps) -> tuple[list[OutFile], bool]:
     return files, content.truncated
 
 
-def _collect(sock: socket.socket, streams: dict[int, Capture], limits: Limits) -> Outcome:
+def _collect(sock: socket.socket, streams: dict[int, Capture], limits: Limits,
+             sink: OutputSink | None = None) -> Outcome:
     """Drain both streams and wait for the report, each within its own bound."""
     deadline = time.monotonic() + limits.wall_time_s + REPORT_GRACE_S
     outcome: Outcome | None = None
@@ -186,7 +194,9 @@ def _collect(sock: socket.socket, streams: dict[int, Capture], limits: Limits) -
                     if not chunk:
                         sel.unregister(key.fd)
                         continue
-                    capture.feed(chunk)
+                    kept = capture.feed(chunk)
+                    if sink is not None and kept:
+                        sink(capture.name, kept)
                     if capture.over and not cancelled and outcome is None:
                         cancelled = True
                         with contextlib.suppress(OSError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -24,7 +25,7 @@ from stockade.result import Result, Status
 from stockade.runner import logs
 from stockade.runner.channel import ChannelError, PoolStats
 from stockade.runner.config import RunnerConfig, kind_for
-from stockade.runner.front import metrics, openapi, piston, schema
+from stockade.runner.front import metrics, openapi, piston, schema, streaming
 from stockade.runner.front.metrics import Metrics, RecycleReason, RejectReason
 from stockade.runner.front.pages import Pages
 from stockade.runner.front.pool_client import Lease, PoolClient, connect_trusted
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 def _run_on(lease: Lease, owner_uid: int, job: client.Job, limits: Limits,
-            outputs: client.OutputCaps) -> Result:
+            outputs: client.OutputCaps, *, sink: client.OutputSink | None) -> Result:
     """In a worker thread: one run on the leased container's zygote, over the connection
     the lease keeps open between runs (a zygote serves one connection at a time)."""
     if lease.connection is None:
@@ -48,7 +49,7 @@ def _run_on(lease: Lease, owner_uid: int, job: client.Job, limits: Limits,
             lease.connection = connect_trusted(lease.socket_path, owner_uid)
         except OSError as exc:
             return client.internal_error(f"cannot reach the container's zygote: {exc}")
-    return client.run(lease.connection, job, limits, outputs)
+    return client.run(lease.connection, job, limits, outputs, sink)
 
 
 def retire_reason(config: RunnerConfig, lease: Lease,
@@ -73,6 +74,7 @@ class RunContext:
 
     request_id: str
     route: str
+    events: streaming.RunEvents | None = None  # the client streams this run's output
 
 
 class Runs:
@@ -137,9 +139,13 @@ class Runs:
         self.metrics.queue_wait.observe(waited)
         self.metrics.in_flight += 1
         self.idle.clear()
+        events = context.events
+        if events is not None:
+            events.started()
         loop = asyncio.get_running_loop()
-        running = loop.run_in_executor(self.threads, _run_on, lease, self.config.idmap_base,
-                                       job, limits, self.outputs)
+        running = loop.run_in_executor(self.threads, functools.partial(
+            _run_on, lease, self.config.idmap_base, job, limits, self.outputs,
+            sink=events.output if events else None))
         # The container goes back when its run has ended in its thread, not when this
         # request does: a cancelled request must not close a connection still in use.
         running.add_done_callback(lambda done: self._ended(lease, tenant, done))
@@ -296,15 +302,16 @@ class Api:
         tenant.check_scope(scope)
         return tenant
 
-    async def _execute(self, http: web.Request, tenant: Tenant,
-                       request: schema.RunRequest) -> Result:
+    async def _execute(self, http: web.Request, tenant: Tenant, request: schema.RunRequest,
+                       events: streaming.RunEvents | None = None) -> Result:
         """Every run route's one path: the typed request becomes a job within the caller's
         quota, then a result. stockade's own failure is logged in full; the client gets a
         short message and the request id, never the internals."""
         job, limits = schema.to_job(request, self.config)
         limits = tenant.within_quota(request.limits, limits)
         request_id = http["request_id"]
-        result = await self.runs.execute(job, limits, tenant, RunContext(request_id, http.path))
+        result = await self.runs.execute(job, limits, tenant,
+                                         RunContext(request_id, http.path, events))
         if result.status == Status.INTERNAL_ERROR:
             log.error(f"request {request_id}: internal error: {result.message}")
             result = msgspec.structs.replace(result, message=(
@@ -312,10 +319,15 @@ class Api:
                 f"{request_id}"))
         return result
 
-    async def post_run(self, request: web.Request) -> web.Response:
+    async def post_run(self, request: web.Request) -> web.StreamResponse:
         tenant = await self._caller(request, "runs")
         body = schema.decode(await request.read(), schema.RunRequest)  # language included
-        return _json(await self._execute(request, tenant, body))
+        if not streaming.wanted(request):
+            return _json(await self._execute(request, tenant, body))
+        events = streaming.RunEvents(asyncio.get_running_loop())
+        # The middleware's header would come too late: a stream's headers leave first.
+        return await events.send(request, self._execute(request, tenant, body, events),
+                                 {"X-Request-Id": request["request_id"]})
 
     def _language(self) -> schema.Language:
         return schema.Language(name=schema.LANGUAGE, version=self.python_version,

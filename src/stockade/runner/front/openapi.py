@@ -12,7 +12,7 @@ from stockade import __version__
 from stockade.limits import BY_NAME, LimitPolicy
 from stockade.result import Result
 from stockade.runner.config import RunnerConfig
-from stockade.runner.front import piston, schema
+from stockade.runner.front import piston, schema, streaming
 
 REF = "#/components/schemas/{name}"
 
@@ -61,6 +61,17 @@ def _with_keys(document: dict[str, Any], anonymous: tuple[str, ...]) -> dict[str
     return document
 
 
+def _with_stream(answer: dict[str, Any]) -> dict[str, Any]:
+    """A run route's answer, also as server-sent events for `Accept: text/event-stream`."""
+    answer["description"] += (
+        " With `Accept: text/event-stream`: once the run has a container, events `stdout` "
+        "and `stderr` (data: the chunk as a JSON string) as the program writes, within the "
+        "output cap, then one `result` (data: the record). A refusal before the start "
+        "keeps its status and JSON error body.")
+    answer["content"][streaming.CONTENT_TYPE] = {"schema": {"type": "string"}}
+    return answer
+
+
 def _get(summary: str, body: dict[str, Any], *error_codes: int) -> dict[str, Any]:
     return {"get": {"summary": summary,
                     "responses": {"200": body, **_errors("ErrorBody", *error_codes)}}}
@@ -84,7 +95,7 @@ def _document(limits: bytes, anonymous: tuple[str, ...]) -> dict[str, Any]:
             "/v1/runs": {"post": {
                 "summary": "Run a program once, confined; answer with its result record.",
                 "requestBody": {"required": True, **_json_body("RunRequest", "The run.")},
-                "responses": {"200": _json_body("Result", "The result record."),
+                "responses": {"200": _with_stream(_json_body("Result", "The result record.")),
                               **_errors("ErrorBody", 400, 413, 422, 503, 500)}}},
             "/v1/languages": _get("Languages, versions, preloads and limits.",
                                   _json_body("Languages", "What runs here.")),
