@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("-o", "--out", metavar="DIR",
                     help="save the files the program left under out/ to DIR")
     rn.add_argument("--url", default="http://127.0.0.1:8080", help="the runner's base URL")
+    rn.add_argument("--stream", action="store_true", help="print the output as the program "
+                    "writes it, not when it ends")
     rn.epilog = f"The API key, where the runner needs one, comes from ${KEY_ENV}."
 
     dr = sub.add_parser("doctor", help="check that this host can serve (and build the image)")
@@ -188,12 +190,15 @@ def exit_status(result: Result) -> int:
     return EXIT_INTERNAL if result.status == Status.INTERNAL_ERROR else EXIT_FAILED
 
 
-def _print(result: Result, as_json: bool) -> None:
+def _print(result: Result, as_json: bool, output: bool = True) -> None:
+    """The record as JSON, or as the program's own output (unless it was streamed already)
+    and, when it did not end well, why."""
     if as_json:
         sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
         return
-    sys.stdout.write(result.stdout)
-    sys.stderr.write(result.stderr)
+    if output:
+        sys.stdout.write(result.stdout)
+        sys.stderr.write(result.stderr)
     if result.status != Status.OK:
         print(f"stockade: {result.status}: {result.message}", file=sys.stderr)
 
@@ -357,14 +362,24 @@ def _run_stdin(path: str | None) -> str:
         raise UsageError("stdin is not UTF-8 text") from None
 
 
+def _write_through(stream: str, text: str) -> None:
+    out = sys.stdout if stream == "stdout" else sys.stderr
+    out.write(text)
+    out.flush()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from stockade import remote  # noqa: PLC0415 - keeps `exec` light
 
+    if args.stream and args.json:
+        raise UsageError("--stream prints the output as it comes; --json prints one record "
+                         "at the end: choose one")
     request = RunRequest(code=_read_source(args.file), stdin=_run_stdin(args.stdin),
                          args=list(args.args), files=[_input_file(f) for f in args.files],
                          limits=_requested_limits(args))
     try:
-        result = remote.run(args.url, request, os.environ.get(KEY_ENV))
+        result = remote.run(args.url, request, os.environ.get(KEY_ENV),
+                            _write_through if args.stream else None)
         saved = remote.save_files(result.files, Path(args.out)) if args.out else []
     except remote.RemoteError as exc:
         if exc.usage:
@@ -373,7 +388,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_INTERNAL
     except OSError as exc:
         raise UsageError(f"cannot save files to {args.out}: {exc.strerror}") from None
-    _print(result, args.json)
+    _print(result, args.json, output=not args.stream)
     for path in saved:
         print(f"stockade: saved {path}", file=sys.stderr)
     return exit_status(result)

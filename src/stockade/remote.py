@@ -9,6 +9,8 @@ import contextlib
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
+from http.client import HTTPResponse
 from pathlib import Path
 
 import msgspec
@@ -18,6 +20,9 @@ from stockade.runner.front.schema import ErrorBody, RunRequest
 
 TIMEOUT_S = 700.0  # past the largest wall-time cap an operator may configure
 MAX_ANSWER = 256 << 20
+STREAM_TYPE = "text/event-stream"
+# Called with "stdout" or "stderr" and the text, as the run writes it.
+OutputSink = Callable[[str, str], None]
 
 
 class RemoteError(RuntimeError):
@@ -26,18 +31,24 @@ class RemoteError(RuntimeError):
         self.usage = usage  # the request was refused: the caller's input is at fault
 
 
-def run(url: str, request: RunRequest, key: str | None = None) -> Result:
-    """The run's result from the runner at `url`, with `key` as the API key if given."""
+def run(url: str, request: RunRequest, key: str | None = None,
+        sink: OutputSink | None = None) -> Result:
+    """The run's result from the runner at `url`, with `key` as the API key if given; with
+    `sink`, the output is streamed to it as the program writes it."""
     if not url.startswith(("http://", "https://")):
         raise RemoteError(f"--url must be an http:// or https:// URL, got {url!r}", usage=True)
     body = msgspec.json.encode(request)
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
+    if sink is not None:
+        headers["Accept"] = STREAM_TYPE
     http_request = urllib.request.Request(  # noqa: S310 - the scheme was checked above
         f"{url.rstrip('/')}/v1/runs", data=body, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(http_request, timeout=TIMEOUT_S) as answer:  # noqa: S310
+            if sink is not None and answer.headers.get_content_type() == STREAM_TYPE:
+                return _streamed(answer, sink)
             return msgspec.json.decode(answer.read(MAX_ANSWER), type=Result)
     except urllib.error.HTTPError as exc:
         raise _refusal(exc) from None
@@ -45,6 +56,38 @@ def run(url: str, request: RunRequest, key: str | None = None) -> Result:
         raise RemoteError(f"cannot reach the runner at {url}: {exc}") from None
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise RemoteError(f"the runner's answer is not a result record: {exc}") from None
+
+
+def events(answer: HTTPResponse) -> Iterator[tuple[str, bytes]]:
+    """(event, data) pairs of a server-sent event stream, at most MAX_ANSWER bytes in all."""
+    name, data, total = "message", bytearray(), 0
+    while total < MAX_ANSWER:
+        line = answer.readline(MAX_ANSWER - total)
+        if not line:
+            return
+        total += len(line)
+        line = line.rstrip(b"\r\n")
+        if not line:
+            if data:
+                yield name, bytes(data[:-1])  # the data lines, joined by newlines
+            name, data = "message", bytearray()
+            continue
+        field, _, value = line.partition(b":")
+        value = value.removeprefix(b" ")
+        if field == b"event":
+            name = value.decode("utf-8", "replace")
+        elif field == b"data":
+            data += value + b"\n"
+    raise RemoteError(f"the runner's stream is over {MAX_ANSWER} bytes")
+
+
+def _streamed(answer: HTTPResponse, sink: OutputSink) -> Result:
+    for name, data in events(answer):
+        if name in ("stdout", "stderr"):
+            sink(name, msgspec.json.decode(data, type=str))
+        elif name == "result":
+            return msgspec.json.decode(data, type=Result)
+    raise RemoteError("the runner's stream ended without a result")
 
 
 def _refusal(exc: urllib.error.HTTPError) -> RemoteError:
