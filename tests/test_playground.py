@@ -143,6 +143,19 @@ def test_a_program_typed_and_run_shows_its_output(browser: WebDriver, page: str)
     shot(browser, "ok")
 
 
+def test_output_shows_while_the_program_still_runs(browser: WebDriver, page: str) -> None:
+    type_program(browser, "import time\nprint('first', flush=True)\ntime.sleep(2)\n"
+                 "print('second')")
+    browser.find_element(By.ID, "code").send_keys(Keys.CONTROL, Keys.ENTER)
+    stdout, badge = browser.find_element(By.ID, "stdout"), browser.find_element(By.ID, "status")
+    wait(browser, "the first line", lambda d: stdout.text == "first", timeout=10)
+    assert badge.text == "running"
+    assert browser.find_element(By.ID, "run").get_attribute("disabled")
+    shot(browser, "streaming")
+    run_and_wait(browser, "ok")
+    assert stdout.text == "first\nsecond"
+
+
 def test_keyboard_tab_indents_and_escape_tab_leaves(browser: WebDriver, page: str) -> None:
     type_program(browser, "if True:\n")
     editor = browser.find_element(By.ID, "code")

@@ -176,16 +176,22 @@
     $("run").disabled = true;
     $("busy").hidden = false;
     $("api-error").hidden = true;
-    const headers = { "Content-Type": "application/json", Accept: "application/json" };
+    // The output streams in as the program writes it; the record comes last.
+    const headers = { "Content-Type": "application/json", Accept: "text/event-stream" };
     const key = sessionStorage.getItem(KEY_STORE);
     if (key) headers.Authorization = `Bearer ${key}`;
     try {
       const answer = await fetch("/v1/runs", {
         method: "POST", headers, body: JSON.stringify(request()),
       });
-      const body = await answer.json().catch(() => null);
-      if (answer.ok && body) showResult(body);
-      else showApiError(answer, body);
+      const type = answer.headers.get("Content-Type") || "";
+      if (answer.ok && type.startsWith("text/event-stream")) {
+        await showStream(answer);
+      } else {
+        const body = await answer.json().catch(() => null);
+        if (answer.ok && body) showResult(body);
+        else showApiError(answer, body);
+      }
     } catch (error) {
       showApiError(null, { error: { code: "unreachable", message:
         `cannot reach the runner: ${error.message}` } });
@@ -193,6 +199,47 @@
       $("run").disabled = false;
       $("busy").hidden = true;
     }
+  }
+
+  // Server-sent events from a POST (EventSource only GETs): blocks split at blank lines,
+  // each an `event:` name and `data:` lines; every event's data is JSON.
+  async function* events(answer) {
+    const reader = answer.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += value.replace(/\r\n?/g, "\n");
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        let name = "message";
+        const data = [];
+        for (const line of block.split("\n")) {
+          const colon = line.indexOf(":");
+          const field = colon < 0 ? line : line.slice(0, colon);
+          const text = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+          if (field === "event") name = text;
+          else if (field === "data") data.push(text);
+        }
+        if (data.length) yield [name, JSON.parse(data.join("\n"))];
+      }
+    }
+  }
+
+  async function showStream(answer) {
+    $("result").hidden = false;
+    $("status").textContent = "running";
+    $("status").className = "badge running";
+    for (const id of ["facts", "message", "stdout", "stderr"]) $(id).textContent = "";
+    for (const id of ["stdout-truncated", "stderr-truncated", "out"]) $(id).hidden = true;
+    for await (const [name, data] of events(answer)) {
+      if (name === "stdout" || name === "stderr") $(name).append(data);
+      else if (name === "result") return showResult(data);
+    }
+    showApiError(answer, { error: { code: "stream_ended",
+      message: "the runner's stream ended before the result; run it again" } });
   }
 
   function showApiError(answer, body) {
