@@ -243,6 +243,21 @@ def check_runs() -> None:
         say(f"{label} run: ok in {record['wall_time_s']} s wall")
     done = attach(f"cd {CHECKOUT} && .venv/bin/stockade run examples/hello.py")
     say(f"stockade run examples/hello.py: {done.stdout.strip()!r}")
+    check_stream()
+
+
+def check_stream() -> None:
+    """A run's output as server-sent events, then its record; and `stockade run --stream`."""
+    body = shlex.quote(json.dumps({"code": "print('one', flush=True)\nprint('two')"}))
+    done = attach(f"curl -sSN -H 'Accept: text/event-stream' -d {body} {URL}/v1/runs")
+    names = re.findall(r"^event: (\w+)$", done.stdout, re.MULTILINE)
+    if names[-1:] != ["result"] or "stdout" not in names or '"status":"ok"' not in done.stdout:
+        raise FreshTestError(f"the streamed run is not stdout events then a result: "
+                             f"{done.stdout[:500]!r}")
+    streamed = attach(f"cd {CHECKOUT} && .venv/bin/stockade run --stream examples/hello.py")
+    if "hello, world" not in streamed.stdout:
+        raise FreshTestError(f"stockade run --stream printed {streamed.stdout!r}")
+    say(f"a streamed run: events {', '.join(names)}")
 
 
 def check_pages() -> None:

@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 import testinfra.host
 
-from conftest import Instance
+from conftest import Caller, Instance
 
 
 def test_nginx_is_active_and_enabled(host: testinfra.host.Host) -> None:
@@ -61,3 +61,21 @@ def test_the_playground_and_the_api_docs_are_served(instance: Instance) -> None:
     with urllib.request.urlopen(request, timeout=30) as answer:
         assert answer.headers["Content-Encoding"] == "gzip"
         assert "immutable" in answer.headers["Cache-Control"]
+
+
+def test_a_runs_output_streams_through_nginx_as_it_is_written(caller: Caller) -> None:
+    """Server-sent events pass the deployed nginx at once, not when the run ends."""
+    request = caller.request("/v1/runs", {
+        "code": "import time\nprint('first', flush=True)\ntime.sleep(1.5)\nprint('second')"})
+    request.add_header("Accept", "text/event-stream")
+    started = time.monotonic()
+    seen: list[tuple[float, str]] = []
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        assert answer.headers["Content-Type"].startswith("text/event-stream")
+        for line in answer:
+            if line.startswith((b"event: ", b"data: ")):
+                seen.append((time.monotonic() - started, line.decode().rstrip("\n")))
+    lines = [text for _, text in seen]
+    assert lines[:2] == ["event: stdout", 'data: "first\\n"'], lines
+    assert lines[-2] == "event: result" and json.loads(lines[-1][6:])["status"] == "ok"
+    assert seen[-1][0] - seen[1][0] >= 1.2, seen
