@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import msgspec
 
@@ -50,12 +50,39 @@ class Payload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     files: list[InputFile] = []
 
 
+class SessionTerms(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A run that lives across calls: its wall time is the session's life, its CPU time
+    the session's total; each call's CPU is held to the budget its Probe sets."""
+
+    ttl_s: float
+    cpu_total_s: float
+
+
 class Start(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="start"):
     limits: Limits
+    session: SessionTerms | None = None
+
+
+# Why a client cancels, as the zygote records it: the run's result names the limit.
+CANCEL_REASONS = ("cancelled", "output_limit", "wall_time_limit")
 
 
 class Cancel(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="cancel"):
     reason: str = "cancelled"
+
+
+class Probe(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="probe"):
+    """Client to zygote, while a session lives: answer with its Usage; with a budget, a
+    call begins, whose CPU time from now on may not pass it."""
+
+    cpu_budget_s: float | None = None
+
+
+class Usage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="usage"):
+    """The session's CPU time and memory so far, from its cgroup."""
+
+    cpu_time_s: float
+    memory_peak_kib: int
 
 
 class Report(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="report"):
@@ -89,8 +116,125 @@ class OutboxContent(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     truncated: bool = False  # some files were left out: too many, too large, or not regular
 
 
-ClientMessage = Start | Cancel
-ZygoteMessage = Report | Idle
+# -- a session's wire: the front and the session's driver, over the session's stdin -----
+# Frames of a 4-byte big-endian length and a msgpack message. What the driver says is the
+# session's own word (it runs the session's code): decoded typed, within the caps.
+
+FRAME_HEADER = 4
+FRAME_OVERHEAD = 64 * 1024  # names and framing, beyond the content caps
+MIME_TYPES = ("text/plain", "text/html", "image/png")
+
+
+class Cell(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="cell"):
+    code: str
+    stdin: str = ""
+
+
+class FilePut(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="put"):
+    path: str
+    content: bytes
+
+
+class FileGet(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="get"):
+    path: str
+
+
+class FileDelete(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="delete"):
+    path: str
+
+
+class FileList(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="list"):
+    pass
+
+
+class RichOutput(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A value shown by a cell: its repr, a table's HTML, a figure's PNG."""
+
+    mime: Literal["text/plain", "text/html", "image/png"]
+    data: str
+    encoding: Literal["utf8", "base64"] = "utf8"
+
+
+class CellDone(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="done"):
+    error: bool  # the cell raised (its traceback is on stderr)
+    outputs: list[RichOutput] = []
+    outputs_truncated: bool = False
+
+
+class FileData(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="data"):
+    content: bytes
+
+
+class FileEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    size: int
+
+
+class FileEntries(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="entries"):
+    files: list[FileEntry]
+    truncated: bool = False
+
+
+class OpDone(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="ok"):
+    pass
+
+
+class OpFailed(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="failed"):
+    reason: Literal["not_found", "not_a_file", "too_large", "invalid"]
+    message: str
+
+
+SessionRequest = Cell | FilePut | FileGet | FileDelete | FileList
+SessionAnswer = CellDone | FileData | FileEntries | OpDone | OpFailed
+_session_request_decoder = msgspec.msgpack.Decoder(SessionRequest)
+_session_answer_decoder = msgspec.msgpack.Decoder(SessionAnswer)
+
+
+def frame(message: msgspec.Struct) -> bytes:
+    body = msgspec.msgpack.encode(message)
+    return len(body).to_bytes(FRAME_HEADER, "big") + body
+
+
+class FrameReader:
+    """Collects one frame from a stream, refusing one over `limit` bytes or a second one."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.buffer = bytearray()
+
+    def feed(self, chunk: bytes) -> bytes | None:
+        """The frame's body once it is whole, else None."""
+        self.buffer += chunk
+        if len(self.buffer) < FRAME_HEADER:
+            return None
+        size = int.from_bytes(self.buffer[:FRAME_HEADER], "big")
+        if size > self.limit:
+            raise ProtocolError(f"a frame of {size} bytes is over the {self.limit} cap")
+        if len(self.buffer) < FRAME_HEADER + size:
+            return None
+        if len(self.buffer) > FRAME_HEADER + size:
+            raise ProtocolError("more than one frame where one was due")
+        return bytes(self.buffer[FRAME_HEADER:])
+
+
+def decode_session_request(raw: bytes) -> SessionRequest:
+    try:
+        request: SessionRequest = _session_request_decoder.decode(raw)
+        return request
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ProtocolError(f"invalid session request: {exc}") from None
+
+
+def decode_session_answer(raw: bytes) -> SessionAnswer:
+    try:
+        answer: SessionAnswer = _session_answer_decoder.decode(raw)
+        return answer
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ProtocolError(f"invalid answer from the session: {exc}") from None
+
+
+ClientMessage = Start | Cancel | Probe
+ZygoteMessage = Report | Idle | Usage
 T = TypeVar("T")
 
 _client_decoder = msgspec.json.Decoder(ClientMessage)

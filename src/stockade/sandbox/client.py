@@ -220,6 +220,8 @@ def _read_report(sock: socket.socket) -> Outcome | None:
         message = protocol.decode_zygote(raw)
     except protocol.ProtocolError as exc:
         return Outcome(error=str(exc))
+    if isinstance(message, protocol.Usage):
+        return Outcome(error="the sandbox answered a probe no one sent")
     return None if isinstance(message, protocol.Idle) else message.outcome
 
 

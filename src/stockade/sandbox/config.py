@@ -44,6 +44,10 @@ class SandboxConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # What a run's init brings back from the program's out/ directory.
     max_out_files: int = 16
     max_out_kib: int = 1024
+    # The most a session (a run that lives across calls) may ask for: its life, its
+    # total CPU time.
+    session_max_ttl_s: float = 86400.0
+    session_max_cpu_s: float = 300.0
     # Read-only paths shown to runs besides /usr, /etc and the interpreter's own paths.
     extra_ro_paths: list[str] = []
     # Unix uid/gid allowed to connect to the socket besides root (the runner's user).
@@ -58,7 +62,7 @@ class SandboxConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("run_uid and run_gid must be non-zero: runs never run as root")
         for name in ("workdir_size_mib", "tmp_size_mib", "shm_size_mib", "rlimit_nofile",
                      "rlimit_nproc", "rlimit_stack_mib", "max_payload_mib", "max_out_files",
-                     "max_out_kib"):
+                     "max_out_kib", "session_max_ttl_s", "session_max_cpu_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.socket_mode & ~0o666 or self.socket_mode & 0o600 != 0o600:

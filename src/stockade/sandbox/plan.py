@@ -10,6 +10,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
 from stockade.limits import Limits
 from stockade.sandbox import confine, libc, seccomp
 from stockade.sandbox.config import SandboxConfig
@@ -67,7 +69,10 @@ def make_plan(config: SandboxConfig) -> RunPlan:
         rlimit_stack_mib=config.rlimit_stack_mib,
         max_payload_bytes=config.max_payload_mib << 20,
         max_out_files=config.max_out_files, max_out_bytes=config.max_out_kib << 10,
-        limit_ceiling=config.limits.maximum,
+        # Before its request a run may not know it is a session: the CPU ceiling is the
+        # larger of a run's cap and a session's total (the request's limits lower it).
+        limit_ceiling=msgspec.structs.replace(config.limits.maximum, cpu_time_s=max(
+            config.limits.maximum.cpu_time_s, config.session_max_cpu_s)),
     )
 
 

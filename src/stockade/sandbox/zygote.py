@@ -14,12 +14,14 @@ import contextlib
 import gc
 import importlib
 import logging
+import math
 import os
 import selectors
 import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -28,6 +30,7 @@ from stockade import protocol
 from stockade.limits import LimitError, Limits
 from stockade.result import KillReason, Outcome
 from stockade.sandbox import collector, confine
+from stockade.sandbox import session_driver as _session_driver  # noqa: F401 - for sessions
 from stockade.sandbox.cgroups import CgroupDriver, CgroupError, RunCgroup
 from stockade.sandbox.config import SandboxConfig
 from stockade.sandbox.family import (
@@ -43,9 +46,39 @@ from stockade.sandbox.plan import make_plan
 
 CPU_POLL_S = 0.01  # how often the run-wide CPU time is checked while a run is live
 EXIT_UNCLEAN = 3  # the zygote's exit status when it cannot prove a finished run is gone
-SINGLE_THREADED_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-                       "MKL_NUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1"}
+# What preloaded modules read as they load: one thread each, figures drawn to PNG, and
+# matplotlib's font cache where the image built it (runs see their own environment).
+PRELOAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+               "MKL_NUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1",
+               "MPLBACKEND": "Agg", "MPLCONFIGDIR": "/usr/local/share/stockade/matplotlib"}
 log = logging.getLogger(__name__)
+
+
+CANCEL_KILLS = {"output_limit": KillReason.OUTPUT, "wall_time_limit": KillReason.WALL_TIME}
+
+
+@dataclass
+class Watch:
+    """What a live run is held to: its wall-clock deadline and its CPU cap (a session's:
+    its life and total, and the current call's budget when that is lower)."""
+
+    limits: Limits
+    started: float
+    session: protocol.SessionTerms | None = None
+    call_cap: float = math.inf
+
+    @property
+    def deadline(self) -> float:
+        life = self.session.ttl_s if self.session else self.limits.wall_time_s
+        return self.started + life
+
+    @property
+    def cpu_cap(self) -> float:
+        total = self.session.cpu_total_s if self.session else self.limits.cpu_time_s
+        return min(total, self.call_cap)
+
+    def begin_call(self, used: float, budget_s: float) -> None:
+        self.call_cap = used + max(0.0, budget_s)
 
 
 class UncleanRun(RuntimeError):
@@ -131,8 +164,8 @@ class Zygote:
             message = protocol.decode_client(raw)
         except protocol.ProtocolError as exc:
             return Outcome(error=str(exc))
-        if isinstance(message, protocol.Cancel):
-            return None  # nothing is running: nothing to cancel
+        if not isinstance(message, protocol.Start):
+            return None  # nothing is running: nothing to cancel or probe
         if len(fds) != len(protocol.START_FDS):
             return Outcome(error=f"a run needs {len(protocol.START_FDS)} descriptors "
                            f"({', '.join(protocol.START_FDS)}), got {len(fds)}")
@@ -140,11 +173,19 @@ class Zygote:
             limits = self.config.limits.admit(message.limits)
         except LimitError as exc:
             return Outcome(error=f"limits refused by the zygote: {exc.message}")
-        return self._run(conn, limits, fds)
+        session = message.session
+        if session is not None and not (
+                0 < session.ttl_s <= self.config.session_max_ttl_s
+                and 0 < session.cpu_total_s <= self.config.session_max_cpu_s):
+            return Outcome(error="session terms refused by the zygote: ttl_s within (0, "
+                           f"{self.config.session_max_ttl_s}], cpu_total_s within (0, "
+                           f"{self.config.session_max_cpu_s}]")
+        return self._run(conn, limits, fds, session)
 
     # -- one run -------------------------------------------------------------------------
 
-    def _run(self, conn: socket.socket, limits: Limits, fds: list[int]) -> Outcome:
+    def _run(self, conn: socket.socket, limits: Limits, fds: list[int],
+             session: protocol.SessionTerms | None = None) -> Outcome:
         try:
             embryo = self.embryo or self.family.spawn()
         except (OSError, CgroupError) as exc:
@@ -158,13 +199,17 @@ class Zygote:
             embryo.kill()
             return Outcome(error=f"cannot apply cgroup limits: {exc}")
         started = time.monotonic()
+        # A session's process lives across calls: its RLIMIT_CPU is the session's total.
+        go = limits if session is None else msgspec.structs.replace(
+            limits, cpu_time_s=session.cpu_total_s)
         with contextlib.suppress(OSError):  # a dead worker says why on its error pipe
-            protocol.send(embryo.go, protocol.Go(limits), fds[:len(protocol.WORKER_FDS)])
-        return self._supervise(conn, embryo, limits, started, outbox=fds[-1])
+            protocol.send(embryo.go, protocol.Go(go), fds[:len(protocol.WORKER_FDS)])
+        return self._supervise(conn, embryo, Watch(limits, started, session),
+                               outbox=fds[-1])
 
-    def _supervise(self, conn: socket.socket, embryo: Embryo, limits: Limits,
-                   started: float, outbox: int) -> Outcome:
-        deadline = started + limits.wall_time_s
+    def _supervise(self, conn: socket.socket, embryo: Embryo, watch: Watch,
+                   outbox: int) -> Outcome:
+        started, deadline = watch.started, watch.deadline
         killed_for: KillReason | None = None
         killed_at = 0.0
         with selectors.DefaultSelector() as sel:
@@ -174,7 +219,7 @@ class Zygote:
             while not ended:
                 now = time.monotonic()
                 if killed_for is None:
-                    reason = self._over_limit(embryo, limits, now, deadline)
+                    reason = self._over_limit(embryo, watch, now)
                     if reason:
                         killed_for, killed_at = reason, now
                         embryo.kill()
@@ -186,7 +231,7 @@ class Zygote:
                     if key.data == "worker":
                         ended = True
                     elif killed_for is None:
-                        reason = self._read_cancel(conn, sel)
+                        reason = self._read_client(conn, sel, embryo, watch)
                         if reason:
                             killed_for, killed_at = reason, time.monotonic()
                             embryo.kill()
@@ -198,7 +243,7 @@ class Zygote:
         # that ended by itself is answered at once, and what it left is killed after.
         if killed_for is not None and not self.family.reap(embryo):
             return Outcome(error="the run's init could not be reaped", wall_time_s=wall)
-        if killed_for is None and error is None:
+        if killed_for is None and error is None and watch.session is None:
             self._collect_outputs(embryo, outbox)
         return self._outcome(embryo.cgroup, status, error, killed_for, wall)
 
@@ -220,16 +265,17 @@ class Zygote:
         finally:
             os.close(workdir)
 
-    def _over_limit(self, embryo: Embryo, limits: Limits, now: float,
-                    deadline: float) -> KillReason | None:
-        if now >= deadline:
+    def _over_limit(self, embryo: Embryo, watch: Watch, now: float) -> KillReason | None:
+        if now >= watch.deadline:
             return KillReason.WALL_TIME
-        if embryo.cgroup.run_cpu_time_s() > limits.cpu_time_s:
+        if embryo.cgroup.run_cpu_time_s() > watch.cpu_cap:
             return KillReason.CPU_TIME
         return None
 
-    def _read_cancel(self, conn: socket.socket,
-                     sel: selectors.BaseSelector) -> KillReason | None:
+    def _read_client(self, conn: socket.socket, sel: selectors.BaseSelector, embryo: Embryo,
+                     watch: Watch) -> KillReason | None:
+        """A message from the client while a run lives: a Cancel (why), or a session's
+        Probe (answered with its usage). A client that hangs up cancels."""
         try:
             raw, _ = protocol.receive(conn)
             message = protocol.decode_client(raw) if raw else None
@@ -240,8 +286,17 @@ class Zygote:
             sel.unregister(conn)  # the client is gone: nobody wants this run any more
             return KillReason.CANCELLED
         if isinstance(message, protocol.Cancel):
-            return (KillReason.OUTPUT if message.reason == "output_limit"
-                    else KillReason.CANCELLED)
+            return CANCEL_KILLS.get(message.reason, KillReason.CANCELLED)
+        if isinstance(message, protocol.Probe) and watch.session is not None:
+            try:
+                used = embryo.cgroup.run_cpu_time_s()
+                usage = protocol.Usage(round(used, 6), embryo.cgroup.memory_peak_kib())
+            except (OSError, ValueError, CgroupError):
+                return None  # the run is ending; its report will say how
+            if message.cpu_budget_s is not None:
+                watch.begin_call(used, message.cpu_budget_s)
+            with contextlib.suppress(OSError):
+                protocol.send(conn, usage)
         return None
 
     def _outcome(self, cgroup: RunCgroup, status: int, error: str | None,
@@ -342,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="stockade-zygote[%(process)d]: %(message)s")
-    os.environ.update(SINGLE_THREADED_ENV)
+    os.environ.update(PRELOAD_ENV)
     for signum in SHUTDOWN_SIGNALS:
         signal.signal(signum, _terminate)
     zygote = Zygote(config)
