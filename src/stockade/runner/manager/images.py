@@ -32,8 +32,8 @@ from stockade.runner.manager import layout
 
 # Part of the digest: bump it when the recipe changes (packer/sandbox.pkr.hcl,
 # ansible/sandbox.yml), which the runner cannot see. 2: no set-id bits; 3: built by Packer;
-# 4: catatonit, every run's init.
-IMAGE_FORMAT = 4
+# 4: catatonit, every run's init; 5: matplotlib's font cache.
+IMAGE_FORMAT = 5
 SUITE = "bookworm"
 PYTHON = "3.11"  # bookworm's: the wheels are downloaded for it
 STAMP = "stockade-image.json"
