@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "writes it, not when it ends")
     rn.epilog = f"The API key, where the runner needs one, comes from ${KEY_ENV}."
 
+    _add_session_parser(sub)
+
     dr = sub.add_parser("doctor", help="check that this host can serve (and build the image)")
     dr.add_argument("--serve-only", action="store_true",
                     help="skip what building the sandbox image needs (Packer, the template)")
@@ -125,6 +127,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_session_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    se = sub.add_parser("session", help="an interactive Python session on a runner",
+                        description="Each input is a cell run in one confined interpreter "
+                        "that keeps its state; figures and tables are saved to files. "
+                        "End of input ends the session.")
+    for field in limits_module.FIELDS:
+        se.add_argument(field.flag, dest=field.name, type=field.kind, metavar=field.metavar,
+                        help=field.description + (" (per call)" if field.name in (
+                            "cpu_time_s", "wall_time_s", "output_kib") else ""))
+    se.add_argument("--idle-timeout", type=float, metavar="S",
+                    help="end the session after this long without a call")
+    se.add_argument("--ttl", type=float, metavar="S", help="end the session after this long")
+    se.add_argument("--cpu-total", type=float, metavar="S",
+                    help="CPU time for the session's whole life")
+    se.add_argument("-o", "--out", default=".", metavar="DIR",
+                    help="where figures and tables are saved (default .)")
+    se.add_argument("--url", default="http://127.0.0.1:8080", help="the runner's base URL")
+    se.epilog = f"The API key, where the runner needs one, comes from ${KEY_ENV}."
+
+
 def _add_keys_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     keys = sub.add_parser("keys", help="make, list and revoke API keys (root)",
                           description="Keys live in the config's keys_file; the runner "
@@ -138,6 +160,8 @@ def _add_keys_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
                      help="runs at once (default: the pool's containers)")
     add.add_argument("--queue", type=int, default=0, metavar="N",
                      help="runs waiting at once (default: half the runner's wait queue)")
+    add.add_argument("--sessions", type=int, default=0, metavar="N",
+                     help="sessions alive at once (default: half the session pool, at least 1)")
     add.add_argument("--scope", dest="scopes", action="append", choices=SCOPES,
                      help="what the key may use: runs, metrics; repeatable (default runs)")
     for field in limits_module.FIELDS:
@@ -303,7 +327,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
             return EXIT_OK
         quota = msgspec.convert({  # converted, so the quota's bounds are checked
             "runs_per_minute": args.runs_per_minute, "concurrency": args.concurrency,
-            "queue": args.queue, "scopes": args.scopes or ["runs"],
+            "queue": args.queue, "sessions": args.sessions, "scopes": args.scopes or ["runs"],
             "maximum": {f.name: getattr(args, f"max_{f.name}") for f in limits_module.FIELDS},
         }, keys.Quota)
         key = keys.add(path, args.name, quota, group)
@@ -322,7 +346,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.file}: {exc}") from None
     sys.stdout.write(msgspec.json.format(msgspec.json.encode(config).decode()) + "\n")
     sys.stderr.write(f"the pool's memory cap on this host: {cap} MiB for "
-                     f"{config.containers} containers of up to {config.container_memory_mib} "
+                     f"{config.all_containers} containers of up to {config.container_memory_mib} "
                      "MiB each\n")
     return EXIT_OK
 
@@ -394,6 +418,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return exit_status(result)
 
 
+def cmd_session(args: argparse.Namespace) -> int:
+    from stockade import remote, repl  # noqa: PLC0415 - keeps `exec` light
+    from stockade.runner.front.schema import SessionRequest  # noqa: PLC0415
+
+    request = SessionRequest(limits=_requested_limits(args), idle_timeout_s=args.idle_timeout,
+                             ttl_s=args.ttl, cpu_total_s=args.cpu_total)
+    try:
+        return repl.main(remote.Runner(args.url, os.environ.get(KEY_ENV)), request,
+                         Path(args.out))
+    except remote.RemoteError as exc:
+        if exc.usage:
+            raise UsageError(str(exc)) from None
+        print(f"stockade: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from stockade import doctor  # noqa: PLC0415 - imports the runner's config
 
@@ -411,7 +451,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 COMMANDS = {"exec": cmd_exec, "serve": cmd_serve, "run": cmd_run, "images": cmd_images,
             "nginx-config": cmd_nginx_config, "check-config": cmd_check_config,
-            "doctor": cmd_doctor, "keys": cmd_keys}
+            "doctor": cmd_doctor, "keys": cmd_keys, "session": cmd_session}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from http.client import HTTPResponse
 from pathlib import Path
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -23,6 +24,7 @@ MAX_ANSWER = 256 << 20
 STREAM_TYPE = "text/event-stream"
 # Called with "stdout" or "stderr" and the text, as the run writes it.
 OutputSink = Callable[[str, str], None]
+T = TypeVar("T")
 
 
 class RemoteError(RuntimeError):
@@ -31,31 +33,48 @@ class RemoteError(RuntimeError):
         self.usage = usage  # the request was refused: the caller's input is at fault
 
 
+class Runner:
+    """A runner at `url`, called with `key` as the API key if given."""
+
+    def __init__(self, url: str, key: str | None = None) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise RemoteError(f"--url must be an http:// or https:// URL, got {url!r}",
+                              usage=True)
+        self.url = url.rstrip("/")
+        self.key = key
+
+    def call(self, method: str, path: str, body: msgspec.Struct | dict[str, Any] | None,
+             answer_type: type[T], sink: OutputSink | None = None) -> T:
+        """One request; its JSON answer decoded as `answer_type` (or, with `sink`, its
+        events: the output to the sink, the `result` event decoded)."""
+        headers = {"Content-Type": "application/json"}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
+        if sink is not None:
+            headers["Accept"] = STREAM_TYPE
+        data = None if body is None else msgspec.json.encode(body)
+        http_request = urllib.request.Request(  # noqa: S310 - the scheme was checked
+            f"{self.url}{path}", data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(http_request, timeout=TIMEOUT_S) as answer:  # noqa: S310
+                if sink is not None and answer.headers.get_content_type() == STREAM_TYPE:
+                    return _streamed(answer, sink, answer_type)
+                raw = answer.read(MAX_ANSWER)
+                return msgspec.json.decode(raw or b"null", type=answer_type)
+        except urllib.error.HTTPError as exc:
+            raise _refusal(exc) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise RemoteError(f"cannot reach the runner at {self.url}: {exc}") from None
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise RemoteError(f"the runner's answer is not what {method} {path} answers: "
+                              f"{exc}") from None
+
+
 def run(url: str, request: RunRequest, key: str | None = None,
         sink: OutputSink | None = None) -> Result:
     """The run's result from the runner at `url`, with `key` as the API key if given; with
     `sink`, the output is streamed to it as the program writes it."""
-    if not url.startswith(("http://", "https://")):
-        raise RemoteError(f"--url must be an http:// or https:// URL, got {url!r}", usage=True)
-    body = msgspec.json.encode(request)
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    if sink is not None:
-        headers["Accept"] = STREAM_TYPE
-    http_request = urllib.request.Request(  # noqa: S310 - the scheme was checked above
-        f"{url.rstrip('/')}/v1/runs", data=body, method="POST", headers=headers)
-    try:
-        with urllib.request.urlopen(http_request, timeout=TIMEOUT_S) as answer:  # noqa: S310
-            if sink is not None and answer.headers.get_content_type() == STREAM_TYPE:
-                return _streamed(answer, sink)
-            return msgspec.json.decode(answer.read(MAX_ANSWER), type=Result)
-    except urllib.error.HTTPError as exc:
-        raise _refusal(exc) from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise RemoteError(f"cannot reach the runner at {url}: {exc}") from None
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise RemoteError(f"the runner's answer is not a result record: {exc}") from None
+    return Runner(url, key).call("POST", "/v1/runs", request, Result, sink)
 
 
 def events(answer: HTTPResponse) -> Iterator[tuple[str, bytes]]:
@@ -81,12 +100,12 @@ def events(answer: HTTPResponse) -> Iterator[tuple[str, bytes]]:
     raise RemoteError(f"the runner's stream is over {MAX_ANSWER} bytes")
 
 
-def _streamed(answer: HTTPResponse, sink: OutputSink) -> Result:
+def _streamed(answer: HTTPResponse, sink: OutputSink, result_type: type[T]) -> T:
     for name, data in events(answer):
         if name in ("stdout", "stderr"):
             sink(name, msgspec.json.decode(data, type=str))
         elif name == "result":
-            return msgspec.json.decode(data, type=Result)
+            return msgspec.json.decode(data, type=result_type)
     raise RemoteError("the runner's stream ended without a result")
 
 

@@ -15,11 +15,50 @@ from stockade.runner.keys import Quota
 
 DEFAULT_CONFIG_PATH = "/etc/stockade/runner.json"
 DEFAULT_KEYS_FILE = "/var/lib/stockade/keys.json"
-FULL, LEAN = "full", "lean"
+FULL, LEAN, SESSION = "full", "lean", "session"
 
 
 def _default_pool_size() -> int:
     return max(2, os.cpu_count() or 1)
+
+
+# The front ends a session at its ttl; its zygote ends it this much later if the front has
+# not (a backstop, so no session outlives its terms by more).
+SESSION_TTL_BACKSTOP_S = 60.0
+
+
+class SessionPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Sessions: interpreters that live across calls, one per container of their own pool.
+
+    A session holds its container for its life, so `pool_size` is how many may live at
+    once on this host (0 turns sessions off); one-shot runs never wait for them. Each
+    bound below is a default a creation request may lower or raise up to its max."""
+
+    pool_size: int = 2
+    idle_timeout_s: float = 600.0
+    max_idle_timeout_s: float = 3600.0
+    ttl_s: float = 3600.0
+    max_ttl_s: float = 86400.0
+    # CPU time over the session's life (each call also has the limits' cpu_time_s).
+    cpu_total_s: float = 60.0
+    max_cpu_total_s: float = 300.0
+    # What one call may show (values of its last expression, display(), figures).
+    max_outputs: int = 16
+    max_output_kib: int = 4096
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.pool_size <= 256:
+            raise ValueError("sessions.pool_size must be within [0, 256]")
+        for name, cap in (("idle_timeout_s", self.max_idle_timeout_s),
+                          ("ttl_s", self.max_ttl_s), ("cpu_total_s", self.max_cpu_total_s)):
+            value = getattr(self, name)
+            if not 0 < value <= cap:
+                raise ValueError(f"sessions.{name} must be within (0, max_{name}]")
+        if self.max_ttl_s > 7 * 86400 or self.max_cpu_total_s > 3600:
+            raise ValueError("sessions.max_ttl_s is capped at a week, max_cpu_total_s at "
+                             "an hour")
+        if self.max_outputs <= 0 or self.max_output_kib <= 0:
+            raise ValueError("sessions.max_outputs and max_output_kib must be positive")
 
 
 class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -76,6 +115,7 @@ class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Imported once by each zygote, besides the standard modules every zygote preloads.
     preload: list[str] = msgspec.field(default_factory=lambda: ["numpy", "pandas"])
     drain_timeout_s: float = 30.0
+    sessions: SessionPolicy = SessionPolicy()
 
     def __post_init__(self) -> None:
         positive = ("port", "pool_size", "queue_timeout_s",
@@ -98,8 +138,12 @@ class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     @property
     def containers(self) -> int:
-        """Containers of every kind together."""
+        """Containers for one-shot runs (the sessions' pool is apart)."""
         return self.pool_size + self.lean_pool_size
+
+    @property
+    def all_containers(self) -> int:
+        return self.containers + self.sessions.pool_size
 
     @property
     def wait_queue(self) -> int:
@@ -161,6 +205,9 @@ def kinds(config: RunnerConfig) -> list[Kind]:
     found = [Kind(FULL, config.pool_size, list(config.preload))]
     if config.lean_pool_size:
         found.append(Kind(LEAN, config.lean_pool_size, []))
+    if config.sessions.pool_size:  # notebook work: numpy, pandas and pyplot at hand
+        found.append(Kind(SESSION, config.sessions.pool_size,
+                          [*config.preload, "matplotlib.pyplot"]))
     return found
 
 

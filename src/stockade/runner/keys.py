@@ -52,6 +52,8 @@ class Quota(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # (0: half the runner's wait queue): past either, 429.
     concurrency: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 0
     queue: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 0
+    # Sessions alive at once (0: half the runner's session pool, at least one).
+    sessions: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
     # The most this caller may ask for, below the runner's own caps (unset: those caps).
     maximum: LimitsIn = LimitsIn()
     scopes: list[Scope] = msgspec.field(default_factory=lambda: ["runs"])
@@ -166,7 +168,8 @@ def describe(record: KeyRecord) -> str:
             if getattr(quota.maximum, f.name) is not None]
     return (f"{record.name}\tstk_{record.id}_…\t{record.created}\t"
             f"{quota.runs_per_minute}/min\tconcurrency {quota.concurrency or 'pool'}\t"
-            f"scopes {','.join(quota.scopes)}\t{' '.join(caps) or 'runner caps'}")
+            f"sessions {quota.sessions or 'default'}\tscopes {','.join(quota.scopes)}\t"
+            f"{' '.join(caps) or 'runner caps'}")
 
 
 # -- the front's view ---------------------------------------------------------------------

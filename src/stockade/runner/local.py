@@ -21,7 +21,7 @@ import msgspec
 
 from stockade.limits import LimitPolicy, Limits
 from stockade.result import Result
-from stockade.runner.config import DEFAULT_KEYS_FILE, RunnerConfig
+from stockade.runner.config import DEFAULT_KEYS_FILE, RunnerConfig, SessionPolicy
 from stockade.runner.front import nginx
 from stockade.runner.keys import Quota
 from stockade.runner.manager.containers import Containers
@@ -43,7 +43,9 @@ def runner_config(port: int, prefix: str, **overrides: Any) -> RunnerConfig:
                                              file_size_kib=65536)),
         "max_body_kib": 1024,
         # Tests and benchmarks call without a key unless they test keys; /metrics included.
-        "anonymous": Quota(runs_per_minute=1_000_000, scopes=["runs", "metrics"]),
+        "anonymous": Quota(runs_per_minute=1_000_000, sessions=2, scopes=["runs", "metrics"]),
+        # No session containers unless a test or benchmark is about sessions.
+        "sessions": SessionPolicy(pool_size=0),
     }
     values.update(overrides)
     return RunnerConfig(**values)

@@ -32,6 +32,7 @@ from stockade.runner.front.api import Api, Runs
 from stockade.runner.front.metrics import Metrics
 from stockade.runner.front.pages import Pages
 from stockade.runner.front.pool_client import PoolClient
+from stockade.runner.front.sessions import Sessions
 from stockade.runner.front.tenants import Tenants
 from stockade.runner.keys import KeyRing
 from stockade.runner.manager import container_policy, images
@@ -234,7 +235,7 @@ async def manager_main(config: RunnerConfig, containers: Containers, channel: so
             log.warning(f"the pool cannot fill, stopping: {task.exception()!r}")
             stop(signal.SIGTERM)
         else:
-            notify_systemd(f"READY=1\nSTATUS=serving with {config.containers} warm containers")
+            notify_systemd(f"READY=1\nSTATUS=serving with {config.all_containers} warm containers")
 
     filling.add_done_callback(fill_ended)
     try:
@@ -271,7 +272,9 @@ async def front_main(config: RunnerConfig, channel: socket.socket, listener: soc
     pool = PoolClient(reader, writer, [kind.name for kind in kinds(config)])
     ring = KeyRing(Path(config.keys_file))
     runs = Runs(config, pool, Metrics(python))
-    app = Api(config, runs, Tenants(config, ring), python, pages).app()
+    sessions = Sessions(config, runs)
+    sessions.start()
+    app = Api(config, runs, Tenants(config, ring), python, pages, sessions=sessions).app()
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.SockSite(runner, listener)
@@ -299,6 +302,7 @@ async def front_main(config: RunnerConfig, channel: socket.socket, listener: soc
     for waiter in waiters:
         waiter.cancel()
     await site.stop()  # no new connections; in-flight requests go on
+    await sessions.drain()
     drained = await runs.drain(config.drain_timeout_s)
     await runner.cleanup()
     writer.close()

@@ -15,21 +15,23 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
 
+from stockade import protocol
 from stockade.limits import Limits
 from stockade.result import Result, Status
 from stockade.runner import logs
 from stockade.runner.channel import ChannelError, PoolStats
-from stockade.runner.config import RunnerConfig, kind_for
+from stockade.runner.config import SESSION, RunnerConfig, kind_for
 from stockade.runner.front import metrics, openapi, piston, schema, streaming
 from stockade.runner.front.metrics import Metrics, RecycleReason, RejectReason
 from stockade.runner.front.pages import Pages
 from stockade.runner.front.pool_client import Lease, PoolClient, connect_trusted
 from stockade.runner.front.schema import ApiError
+from stockade.runner.front.sessions import Session, Sessions
 from stockade.runner.front.tenants import Tenant, Tenants
 from stockade.sandbox import client
 
@@ -37,6 +39,7 @@ RETRY_AFTER_S = 1
 # How long a zygote may take to prove a finished run gone (its own reap waits up to 5 s).
 IDLE_TIMEOUT_S = 10.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+R = TypeVar("R", bound=Result)
 log = logging.getLogger(__name__)
 
 
@@ -52,14 +55,15 @@ def _run_on(lease: Lease, owner_uid: int, job: client.Job, limits: Limits,
     return client.run(lease.connection, job, limits, outputs, sink)
 
 
-def retire_reason(config: RunnerConfig, lease: Lease,
-                  result: Result | None) -> RecycleReason | None:
+def retire_reason(config: RunnerConfig, lease: Lease, result: Result | None,
+                  cancelled: bool = False) -> RecycleReason | None:
     """Why the container that gave `result` (None: no result at all) must not serve again,
     if it must not. A program that failed, hit a limit or was cancelled is no such reason:
     its zygote proves every run gone before it says Idle, and exits when it cannot."""
     if result is None or result.status == Status.INTERNAL_ERROR or lease.connection is None:
         return "internal_error"
-    if result.status == Status.SIGNALED:  # a signal the zygote did not send: someone else's
+    # A signal the zygote did not send (for a cancel the front asked) is someone else's.
+    if result.status == Status.SIGNALED and not cancelled:
         return "signaled"
     if lease.runs >= config.recycle_after_runs:
         return "runs"
@@ -183,9 +187,15 @@ class Runs:
         self.metrics.in_flight -= 1
         if self.metrics.in_flight == 0:
             self.idle.set()
-        lease.runs += 1
         result = None if done.cancelled() or done.exception() is not None else done.result()
-        reason = retire_reason(self.config, lease, result)
+        self.give_back(lease, result)
+
+    def give_back(self, lease: Lease, result: Result | None, cancelled: bool = False) -> None:
+        """A container whose run (or session) ended with `result` goes back to its pool
+        once its zygote proves the run gone, or is replaced (see `retire_reason`);
+        `cancelled`: the front itself ended it."""
+        lease.runs += 1
+        reason = retire_reason(self.config, lease, result, cancelled)
         if reason is None and lease.connection is not None:
             try:
                 waiting = asyncio.get_running_loop().run_in_executor(
@@ -216,6 +226,38 @@ class Runs:
             await asyncio.wait_for(self.idle.wait(), timeout_s)
         self.threads.shutdown(wait=False)
         return self.idle.is_set()
+
+
+def _public(result: R, request_id: str) -> R:
+    """stockade's own failure is logged in full; the client gets a short message and the
+    request id, never the internals."""
+    if result.status != Status.INTERNAL_ERROR:
+        return result
+    log.error(f"request {request_id}: internal error: {result.message}")
+    return msgspec.structs.replace(result, message=(
+        f"stockade failed to run this (not the program's fault); request id {request_id}"))
+
+
+async def _stream(request: web.Request, events: streaming.RunEvents,
+                  run: Awaitable[Result]) -> web.StreamResponse:
+    # The middleware's header would come too late: a stream's headers leave first.
+    return await events.send(request, run, {"X-Request-Id": request["request_id"]})
+
+
+FILE_ERRORS = {"not_found": (404, "file_not_found"), "not_a_file": (422, "not_a_file"),
+               "too_large": (422, "file_too_large"), "invalid": (422, "invalid_file")}
+A = TypeVar("A")
+
+
+def _expect(answer: protocol.SessionAnswer, kind: type[A]) -> A:
+    """The session's answer to a file operation as the kind asked for, or its refusal."""
+    if isinstance(answer, kind):
+        return answer
+    if isinstance(answer, protocol.OpFailed):
+        status, code = FILE_ERRORS[answer.reason]
+        raise ApiError(status, code, answer.message, "path")
+    raise ApiError(502, "session_broken", "the session answered wrongly (its program may "
+                   "have written over its channel to stockade); delete it and start another")
 
 
 def _json(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -270,10 +312,11 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 class Api:
     def __init__(self, config: RunnerConfig, runs: Runs, tenants: Tenants,
-                 python_version: str, pages: Pages) -> None:
+                 python_version: str, pages: Pages, *, sessions: Sessions) -> None:
         self.config = config
         self.pages = pages
         self.runs = runs
+        self.sessions = sessions
         self.pool = runs.pool
         self.metrics = runs.metrics
         self.tenants = tenants
@@ -290,6 +333,15 @@ class Api:
             web.get("/readyz", self.readyz),
             web.get("/metrics", self.get_metrics),
             web.get("/openapi.json", self.get_openapi),
+            web.post("/v1/sessions", self.post_session),
+            web.get("/v1/sessions", self.list_sessions),
+            web.get("/v1/sessions/{id}", self.get_session),
+            web.delete("/v1/sessions/{id}", self.delete_session),
+            web.post("/v1/sessions/{id}/runs", self.post_session_run),
+            web.get("/v1/sessions/{id}/files", self.list_session_files),
+            web.put("/v1/sessions/{id}/files/{path:.+}", self.put_session_file),
+            web.get("/v1/sessions/{id}/files/{path:.+}", self.get_session_file),
+            web.delete("/v1/sessions/{id}/files/{path:.+}", self.delete_session_file),
             web.get("/api/v2/runtimes", self.piston_runtimes),
             web.post("/api/v2/execute", self.piston_execute),
             *self.pages.routes(),
@@ -305,19 +357,12 @@ class Api:
     async def _execute(self, http: web.Request, tenant: Tenant, request: schema.RunRequest,
                        events: streaming.RunEvents | None = None) -> Result:
         """Every run route's one path: the typed request becomes a job within the caller's
-        quota, then a result. stockade's own failure is logged in full; the client gets a
-        short message and the request id, never the internals."""
+        quota, then a result (see `_public`)."""
         job, limits = schema.to_job(request, self.config)
         limits = tenant.within_quota(request.limits, limits)
-        request_id = http["request_id"]
         result = await self.runs.execute(job, limits, tenant,
-                                         RunContext(request_id, http.path, events))
-        if result.status == Status.INTERNAL_ERROR:
-            log.error(f"request {request_id}: internal error: {result.message}")
-            result = msgspec.structs.replace(result, message=(
-                f"stockade failed to run this (not the program's fault); request id "
-                f"{request_id}"))
-        return result
+                                         RunContext(http["request_id"], http.path, events))
+        return _public(result, http["request_id"])
 
     async def post_run(self, request: web.Request) -> web.StreamResponse:
         tenant = await self._caller(request, "runs")
@@ -325,9 +370,90 @@ class Api:
         if not streaming.wanted(request):
             return _json(await self._execute(request, tenant, body))
         events = streaming.RunEvents(asyncio.get_running_loop())
-        # The middleware's header would come too late: a stream's headers leave first.
-        return await events.send(request, self._execute(request, tenant, body, events),
-                                 {"X-Request-Id": request["request_id"]})
+        return await _stream(request, events, self._execute(request, tenant, body, events))
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    async def _session(self, request: web.Request) -> tuple[Tenant, Session]:
+        tenant = await self._caller(request, "runs")
+        return tenant, self.sessions.find(tenant.name, request.match_info["id"])
+
+    async def post_session(self, request: web.Request) -> web.Response:
+        tenant = await self._caller(request, "runs")
+        body = schema.decode(await request.read() or b"{}", schema.SessionRequest)
+        session = await self.sessions.create(tenant, body)
+        return _json(session.info(), 201, {"Location": f"/v1/sessions/{session.id}"})
+
+    async def list_sessions(self, request: web.Request) -> web.Response:
+        tenant = await self._caller(request, "runs")
+        return _json(schema.SessionList([s.info() for s in self.sessions.live.values()
+                                         if s.owner == tenant.name]))
+
+    async def get_session(self, request: web.Request) -> web.Response:
+        _, session = await self._session(request)
+        return _json(session.info())
+
+    async def delete_session(self, request: web.Request) -> web.Response:
+        _, session = await self._session(request)
+        await self.sessions.end(session, "deleted")
+        return web.Response(status=204)
+
+    async def post_session_run(self, request: web.Request) -> web.StreamResponse:
+        tenant, session = await self._session(request)
+        body = schema.decode(await request.read(), schema.CellRequest)
+        cell = protocol.Cell(body.code, body.stdin)
+        if not streaming.wanted(request):
+            return _json(await self._session_call(request, tenant, session, cell))
+        events = streaming.RunEvents(asyncio.get_running_loop())
+        return await _stream(request, events,
+                             self._session_call(request, tenant, session, cell, events))
+
+    async def _session_call(self, http: web.Request, tenant: Tenant, session: Session,
+                            cell: protocol.Cell,
+                            events: streaming.RunEvents | None = None) -> schema.CellResult:
+        started = time.monotonic()
+        result = await self.sessions.call(tenant, session, cell,
+                                          events.output if events else None,
+                                          events.started if events else None)
+        elapsed = time.monotonic() - started
+        self.metrics.observe_run(tenant.name, result.status, SESSION, elapsed)
+        logs.event(log, "run", request_id=http["request_id"], key=tenant.name,
+                   route="/v1/sessions/{id}/runs", session=session.id, status=result.status,
+                   cpu_time_s=result.cpu_time_s, wall_time_s=result.wall_time_s,
+                   memory_peak_kib=result.memory_peak_kib, container=session.lease.name,
+                   kind=SESSION, total_s=round(elapsed, 6))
+        return _public(result, http["request_id"])
+
+    async def list_session_files(self, request: web.Request) -> web.Response:
+        _, session = await self._session(request)
+        answer = await self.sessions.file(session, protocol.FileList())
+        listing = _expect(answer, protocol.FileEntries)
+        return _json(schema.SessionFiles(listing.files, listing.truncated))
+
+    async def put_session_file(self, request: web.Request) -> web.Response:
+        _, session = await self._session(request)
+        path = schema.session_file_name(request.match_info["path"])
+        content = await request.read()
+        cap = self.config.max_file_kib << 10
+        if len(content) > cap:
+            raise ApiError(422, "file_too_large", f"a session's file may be at most "
+                           f"{cap >> 10} KiB", "body")
+        _expect(await self.sessions.file(session, protocol.FilePut(path, content)),
+                protocol.OpDone)
+        return web.Response(status=204)
+
+    async def get_session_file(self, request: web.Request) -> web.Response:
+        _, session = await self._session(request)
+        path = schema.session_file_name(request.match_info["path"])
+        answer = _expect(await self.sessions.file(session, protocol.FileGet(path)),
+                         protocol.FileData)
+        return web.Response(body=answer.content, content_type="application/octet-stream")
+
+    async def delete_session_file(self, request: web.Request) -> web.Response:
+        _, session = await self._session(request)
+        path = schema.session_file_name(request.match_info["path"])
+        _expect(await self.sessions.file(session, protocol.FileDelete(path)), protocol.OpDone)
+        return web.Response(status=204)
 
     def _language(self) -> schema.Language:
         return schema.Language(name=schema.LANGUAGE, version=self.python_version,

@@ -29,6 +29,9 @@ RejectReason = Literal["queue_full", "queue_timeout", "pool_gone", "rate_limited
                        "too_many_waiting"]
 RecycleReason = Literal["internal_error", "signaled", "not_idle", "hung_up", "draining",
                         "runs", "age"]
+# How a session ended: its caller deleted it; the front ended it (idle, past its ttl, the
+# runner stopping); or it was lost (a limit, its program exited, its container failed).
+SessionEnd = Literal["deleted", "idle", "expired", "draining", "limit", "exited", "failed"]
 REJECT_REASONS: tuple[RejectReason, ...] = get_args(RejectReason)
 RECYCLE_REASONS: tuple[RecycleReason, ...] = get_args(RecycleReason)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -82,8 +85,13 @@ class Metrics:
                                      "result, per run.", buckets=LATENCY_BUCKETS, registry=reg)
         self.queue_wait = Histogram("stockade_queue_wait_seconds", "Time a run waited for "
                                     "a container.", buckets=LATENCY_BUCKETS, registry=reg)
+        self.sessions_ended = Counter("stockade_sessions_ended", "Sessions ended, by how.",
+                                      ["reason"], registry=reg)
         self.queue_depth = 0
         self.in_flight = 0
+        self.sessions = 0
+        Gauge("stockade_sessions", "Sessions alive now.",
+              registry=reg).set_function(lambda: self.sessions)
         Gauge("stockade_queue_depth", "Runs waiting for a container.",
               registry=reg).set_function(lambda: self.queue_depth)
         Gauge("stockade_in_flight", "Runs running now.",
@@ -99,6 +107,8 @@ class Metrics:
             self.rejected.labels(reason=refused)
         for recycled in RECYCLE_REASONS:
             self.recycles.labels(reason=recycled)
+        for ended in get_args(SessionEnd):
+            self.sessions_ended.labels(reason=ended)
 
     def observe_run(self, key: str, status: str, kind: str, seconds: float) -> None:
         self.runs.labels(key=key, status=status, kind=kind).inc()

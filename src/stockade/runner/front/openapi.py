@@ -42,7 +42,10 @@ def _errors(kind: str, *codes: int) -> dict[str, Any]:
     return answers
 
 
-KEYED = {"/v1/runs": "runs", "/api/v2/execute": "runs", "/metrics": "metrics"}
+KEYED = {"/v1/runs": "runs", "/api/v2/execute": "runs", "/metrics": "metrics",
+         **{path: "runs" for path in ("/v1/sessions", "/v1/sessions/{id}",
+                                      "/v1/sessions/{id}/runs", "/v1/sessions/{id}/files",
+                                      "/v1/sessions/{id}/files/{path}")}}
 
 
 def _with_keys(document: dict[str, Any], anonymous: tuple[str, ...]) -> dict[str, Any]:
@@ -53,7 +56,7 @@ def _with_keys(document: dict[str, Any], anonymous: tuple[str, ...]) -> dict[str
         "description": "An API key (`stk_...`) from the operator's `stockade keys add`; its "
                        "scopes (runs, metrics) say which routes it opens."}}
     for path, scope in KEYED.items():
-        for operation in document["paths"][path].values():
+        for operation in _operations(document["paths"][path]):
             optional = scope in anonymous
             operation["security"] = [{"apiKey": []}, *([{}] if optional else [])]
             kind = "PistonError" if path.startswith("/api/") else "ErrorBody"
@@ -72,6 +75,62 @@ def _with_stream(answer: dict[str, Any]) -> dict[str, Any]:
     return answer
 
 
+def _op(summary: str, answers: dict[str, Any], *error_codes: int,
+        body: dict[str, Any] | None = None) -> dict[str, Any]:
+    operation = {"summary": summary, "responses": {**answers,
+                                                   **_errors("ErrorBody", *error_codes)}}
+    if body is not None:
+        operation["requestBody"] = {"required": True, **body}
+    return operation
+
+
+SESSION_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+FILE_PATH = {"name": "path", "in": "path", "required": True, "schema": {"type": "string"},
+             "description": "A relative path in the session's working directory (no `..`)."}
+NO_CONTENT = {"204": {"description": "Done."}}
+OCTETS = {"content": {"application/octet-stream": {"schema": {"type": "string",
+                                                               "format": "binary"}}}}
+
+
+def _session_paths() -> dict[str, Any]:
+    """Sessions: 404 unknown (or another key's, or expired), 409 a call in progress,
+    410 lost (the message says why)."""
+    gone = (404, 410)
+    return {
+        "/v1/sessions": {
+            "post": _op("Start a session: an interpreter that keeps its state across calls.",
+                        {"201": _json_body("SessionInfo", "The new session.")},
+                        400, 404, 413, 422, 503, 500,
+                        body=_json_body("SessionRequest", "Limits and terms.")),
+            "get": _op("The caller's sessions.",
+                       {"200": _json_body("SessionList", "Live sessions.")})},
+        "/v1/sessions/{id}": {
+            "parameters": [SESSION_ID],
+            "get": _op("A session's state and usage so far.",
+                       {"200": _json_body("SessionInfo", "The session.")}, *gone),
+            "delete": _op("End a session (a call in progress is cancelled).", NO_CONTENT,
+                          *gone)},
+        "/v1/sessions/{id}/runs": {
+            "parameters": [SESSION_ID],
+            "post": _op("Run a cell in the session's interpreter.",
+                        {"200": _with_stream(_json_body("CellResult", "The cell's record "
+                                                        "and what it showed."))},
+                        400, 413, 422, 409, *gone, 500,
+                        body=_json_body("CellRequest", "The cell."))},
+        "/v1/sessions/{id}/files": {
+            "parameters": [SESSION_ID],
+            "get": _op("The files in the session's working directory.",
+                       {"200": _json_body("SessionFiles", "The files.")}, 409, *gone)},
+        "/v1/sessions/{id}/files/{path}": {
+            "parameters": [SESSION_ID, FILE_PATH],
+            "get": _op("A file's content.", {"200": {"description": "The content.", **OCTETS}},
+                       409, 422, *gone, 502),
+            "put": _op("Write a file (parents are made).", NO_CONTENT, 409, 413, 422, *gone,
+                       502, body={"description": "The content.", **OCTETS}),
+            "delete": _op("Remove a file.", NO_CONTENT, 409, 422, *gone, 502)},
+    }
+
+
 def _get(summary: str, body: dict[str, Any], *error_codes: int) -> dict[str, Any]:
     return {"get": {"summary": summary,
                     "responses": {"200": body, **_errors("ErrorBody", *error_codes)}}}
@@ -80,7 +139,9 @@ def _get(summary: str, body: dict[str, Any], *error_codes: int) -> dict[str, Any
 @functools.cache
 def _document(limits: bytes, anonymous: tuple[str, ...]) -> dict[str, Any]:
     _, components = msgspec.json.schema_components(
-        [schema.RunRequest, Result, schema.ErrorBody, schema.Languages,
+        [schema.RunRequest, Result, schema.ErrorBody, schema.Languages, schema.SessionRequest,
+         schema.SessionInfo, schema.SessionList, schema.CellRequest, schema.CellResult,
+         schema.SessionFiles,
          piston.PistonRequest, piston.PistonResponse, piston.PistonRuntime, piston.PistonError],
         ref_template=REF)
     text = {"description": "Prometheus text format",
@@ -97,6 +158,7 @@ def _document(limits: bytes, anonymous: tuple[str, ...]) -> dict[str, Any]:
                 "requestBody": {"required": True, **_json_body("RunRequest", "The run.")},
                 "responses": {"200": _with_stream(_json_body("Result", "The result record.")),
                               **_errors("ErrorBody", 400, 413, 422, 503, 500)}}},
+            **_session_paths(),
             "/v1/languages": _get("Languages, versions, preloads and limits.",
                                   _json_body("Languages", "What runs here.")),
             "/healthz": _get("The runner is alive.", _json_body(status, "Alive."), 503),
@@ -117,6 +179,10 @@ def _document(limits: bytes, anonymous: tuple[str, ...]) -> dict[str, Any]:
     return _with_request_ids(_with_keys(document, anonymous))
 
 
+def _operations(path_item: dict[str, Any]) -> list[dict[str, Any]]:
+    return [op for key, op in path_item.items() if key != "parameters"]
+
+
 def _with_request_ids(document: dict[str, Any]) -> dict[str, Any]:
     """X-Request-Id on every operation (optional) and on every answer (always)."""
     # Any value is accepted (an unusable one is replaced, never refused), so the schema
@@ -130,7 +196,7 @@ def _with_request_ids(document: dict[str, Any]) -> dict[str, Any]:
         "required": True, "schema": {"type": "string"},
         "description": "This request's id: in the runner's log and in every error body."}}
     for operations in document["paths"].values():
-        for operation in operations.values():
+        for operation in _operations(operations):
             operation["parameters"] = [{"$ref": "#/components/parameters/RequestId"}]
             for answer in operation["responses"].values():
                 answer.setdefault("headers", {})["X-Request-Id"] = {

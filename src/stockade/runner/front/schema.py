@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import re
 from typing import Any, Literal
 
@@ -16,6 +17,7 @@ import msgspec
 
 from stockade import protocol
 from stockade.limits import LimitError, LimitPolicy, Limits, LimitsIn
+from stockade.result import Result
 from stockade.runner.config import RunnerConfig
 from stockade.sandbox.client import Job
 
@@ -75,6 +77,76 @@ class Language(msgspec.Struct, frozen=True):
 class Languages(msgspec.Struct, frozen=True):
     languages: list[Language]
     limits: LimitPolicy
+
+
+# -- sessions ------------------------------------------------------------------------------
+
+class SessionRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A new session: its limits (memory and processes for its life; CPU time, wall time
+    and output per call), and its terms (each null or left out takes the default)."""
+
+    limits: LimitsIn | None = None
+    idle_timeout_s: float | None = None
+    ttl_s: float | None = None
+    cpu_total_s: float | None = None
+
+
+class CellRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    code: str
+    stdin: str = ""
+
+
+class SessionInfo(msgspec.Struct, frozen=True):
+    id: str
+    state: Literal["idle", "running"]
+    created_at: str
+    expires_at: str  # at the latest: an idle session ends sooner
+    idle_timeout_s: float
+    ttl_s: float
+    cpu_total_s: float
+    limits: Limits
+    calls: int
+    cpu_time_s: float  # used so far
+    memory_peak_kib: int
+
+
+class SessionList(msgspec.Struct, frozen=True):
+    sessions: list[SessionInfo]
+
+
+class CellResult(Result, kw_only=True):
+    """A session call's result record, with what the cell showed."""
+
+    outputs: list[protocol.RichOutput] = msgspec.field(default_factory=list)
+    outputs_truncated: bool = False
+    session_ended: bool = False  # this call ended the session (a limit, or exit())
+
+
+class SessionFiles(msgspec.Struct, frozen=True):
+    files: list[protocol.FileEntry]
+    truncated: bool = False
+
+
+def session_terms(request: SessionRequest, config: RunnerConfig) -> tuple[float, float, float]:
+    """(idle_timeout_s, ttl_s, cpu_total_s): each requested one within (0, its max]."""
+    policy = config.sessions
+    terms = []
+    for name in ("idle_timeout_s", "ttl_s", "cpu_total_s"):
+        value, cap = getattr(request, name), getattr(policy, f"max_{name}")
+        if value is None:
+            value = getattr(policy, name)
+        elif not (math.isfinite(value) and 0 < value <= cap):
+            raise ApiError(422, "out_of_range", f"{name} must be within (0, {cap}]", name)
+        terms.append(float(value))
+    return terms[0], terms[1], terms[2]
+
+
+def session_file_name(name: str) -> str:
+    try:
+        protocol.check_file_name(name)
+    except protocol.ProtocolError as exc:
+        raise ApiError(422, "invalid_file_name", str(exc), "path") from None
+    return name
 
 
 # -- Piston v2 ---------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import lxc  # type: ignore[import-untyped]
 import msgspec
 
 from stockade.limits import LimitPolicy
-from stockade.runner.config import RunnerConfig
+from stockade.runner.config import SESSION_TTL_BACKSTOP_S, RunnerConfig
 from stockade.runner.manager import apparmor, container_policy, images, layout
 from stockade.runner.manager.lxc_cgroups import (
     cgroup_dirs,
@@ -57,6 +57,8 @@ def zygote_config(config: RunnerConfig, preload: list[str]) -> SandboxConfig:
         socket_mode=0o666,
         max_out_files=config.max_out_files,
         max_out_kib=config.max_out_kib,
+        session_max_ttl_s=config.sessions.max_ttl_s + SESSION_TTL_BACKSTOP_S,
+        session_max_cpu_s=config.sessions.max_cpu_total_s,
         # The container has no network device and its runs never overlap, so a network
         # namespace per run would add nothing but the kernel's costly netns teardown.
         isolate_network=False,
