@@ -15,6 +15,7 @@ import pytest
 
 from stockade.result import Result
 from stockade.runner import local
+from stockade.runner.config import SessionPolicy
 from stockade.runner.local import NginxProcess, RunnerProcess
 from stockade.sandbox.cgroups import CgroupDriver
 from stockade.sandbox.config import SandboxConfig
@@ -91,7 +92,8 @@ RUNNER_PORT, NGINX_PORT = 18080, 18081
 
 @pytest.fixture(scope="session")
 def runner() -> Iterator[RunnerProcess]:
-    config = local.runner_config(RUNNER_PORT, "stockade-t-")
+    config = local.runner_config(RUNNER_PORT, "stockade-t-",
+                                 sessions=SessionPolicy(pool_size=2, idle_timeout_s=120))
     process = RunnerProcess(config)
     process.start()
     try:

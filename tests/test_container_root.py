@@ -21,7 +21,7 @@ DENIED = ["unshare_user", "fsopen", "open_tree", "move_mount", "io_uring_setup",
 
 @pytest.fixture(scope="module")
 def seen(runner: RunnerProcess) -> dict[str, dict[str, Any]]:
-    runner.wait_for_full_pool(runner.config.containers)
+    runner.wait_for_full_pool(runner.config.all_containers)
     name = runner.containers()[0]
     return {"confined": probe(runner.config, name),
             "control": probe(runner.config, name, elevated=True)}

@@ -128,7 +128,7 @@ def test_health_ready_and_metrics(runner: RunnerProcess) -> None:
     for name in ("stockade_run_seconds_bucket", "stockade_queue_wait_seconds_bucket",
                  "stockade_queue_depth", "stockade_pool_recycled_total"):
         assert name in metrics.body.decode(), name
-    assert runner.metric("stockade_pool_size") == runner.config.containers
+    assert runner.metric("stockade_pool_size") == runner.config.all_containers
     assert runner.metric('stockade_runs_total{key="anonymous",kind="lean",status="ok"}') >= 1
 
 
@@ -240,7 +240,7 @@ def test_an_internal_error_says_only_its_request_id_and_the_log_has_the_detail(
         runner: RunnerProcess) -> None:
     """A zygote killed mid-run is stockade's failure: the client learns that and an id,
     not the internals; the runner's log has both."""
-    runner.wait_for_full_pool(runner.config.containers)
+    runner.wait_for_full_pool(runner.config.all_containers)
     code = "import time\nopen('doomed-marker', 'w').close()\ntime.sleep(30)"
     with ThreadPoolExecutor(max_workers=1) as pool:
         answer = pool.submit(request, runner.port, "POST", "/v1/runs",

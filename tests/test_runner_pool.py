@@ -20,7 +20,7 @@ def metric(runner: RunnerProcess, name: str) -> float:
 
 
 def wait_for_full_pool(runner: RunnerProcess) -> None:
-    runner.wait_for_full_pool(runner.config.containers)
+    runner.wait_for_full_pool(runner.config.all_containers)
 
 
 def test_64_concurrent_requests_through_nginx(nginx: NginxProcess,

@@ -8,17 +8,14 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
-import sseclient
-import urllib3
 from aiohttp.test_utils import make_mocked_request
 
 from stockade.runner.front import streaming
 from stockade.runner.local import Client, NginxProcess, RunnerProcess
+from support.sse import stream
 
 STOCKADE = [sys.executable, "-m", "stockade"]
 # Prints, sleeps, prints: the first line must arrive well before the run ends.
@@ -33,48 +30,6 @@ def api(request: pytest.FixtureRequest, runner: RunnerProcess) -> Client:
         proxy: NginxProcess = request.getfixturevalue("nginx")
         return proxy
     return runner
-
-
-@dataclass
-class Stream:
-    status: int
-    headers: dict[str, str]
-    events: list[tuple[float, str, Any]] = field(default_factory=list)  # (when, name, data)
-    body: bytes = b""
-
-    def text(self, name: str) -> str:
-        return "".join(data for _, event, data in self.events if event == name)
-
-    @property
-    def result(self) -> dict[str, Any]:
-        results = [data for _, name, data in self.events if name == "result"]
-        assert len(results) == 1 and self.events[-1][1] == "result", self.events
-        record: dict[str, Any] = results[0]
-        return record
-
-    def first(self, name: str) -> float:
-        return next(when for when, event, _ in self.events if event == name)
-
-
-def stream(client: Client, payload: dict[str, Any], **headers: str) -> Stream:
-    """POST a run asking for events; read them as they come with sseclient-py."""
-    http = urllib3.PoolManager()
-    started = time.monotonic()
-    answer = http.request(
-        "POST", f"http://127.0.0.1:{client.port}/v1/runs", body=json.dumps(payload),
-        headers={"Content-Type": "application/json", "Accept": streaming.CONTENT_TYPE,
-                 **headers}, preload_content=False, timeout=60)
-    got = Stream(answer.status, dict(answer.headers))
-    try:
-        if answer.headers.get("Content-Type", "").startswith(streaming.CONTENT_TYPE):
-            for event in sseclient.SSEClient(answer.stream(None)).events():
-                got.events.append((time.monotonic() - started, event.event,
-                                   json.loads(event.data)))
-        else:
-            got.body = answer.read()
-    finally:
-        answer.release_conn()
-    return got
 
 
 # -- units -------------------------------------------------------------------------------
@@ -98,9 +53,9 @@ def test_pieces_waiting_together_become_one_event_per_stream_and_utf8_is_never_s
     async def scenario() -> list[bytes]:
         events = streaming.RunEvents(asyncio.get_running_loop())
         events.started()
-        for stream, chunk in [("stdout", b"a"), ("stdout", "é".encode()[:1]),
+        for name, chunk in [("stdout", b"a"), ("stdout", "é".encode()[:1]),
                               ("stderr", b"oops\n"), ("stdout", "é".encode()[1:] + b"\n")]:
-            events.output(stream, chunk)
+            events.output(name, chunk)
         await asyncio.sleep(0)  # the thread-safe calls land
         return events._pending(events.queue.get_nowait())
 
