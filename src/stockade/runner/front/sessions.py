@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 import secrets
 import time
 from collections import OrderedDict
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from stockade import protocol
@@ -46,8 +48,21 @@ if TYPE_CHECKING:
 
 REAP_EVERY_S = 1.0
 LOST_REMEMBERED = 10_000  # lost sessions answered with 410 (then 404)
+MACHINE_ID = Path("/etc/machine-id")
+NODE = re.compile(r"[0-9a-f]{12}")
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+
+def this_node(machine_id: Path = MACHINE_ID) -> str:
+    """This host's part of a session id: the start of its machine id, which a new host
+    from the same image does not share (systemd makes it at first boot). A balancer sends
+    `/v1/sessions/<node>.*` to the host it names. Empty where there is no machine id."""
+    try:
+        node = machine_id.read_text().strip()[:12]
+    except OSError:
+        return ""
+    return node if NODE.fullmatch(node) else ""
 
 
 def _iso(when: float) -> str:
@@ -103,6 +118,7 @@ class Sessions:
         self.threads = ThreadPoolExecutor(max_workers=max(1, config.sessions.pool_size),
                                           thread_name_prefix="session")
         self.reaper: asyncio.Task[None] | None = None
+        self.node = this_node()
 
     def start(self) -> None:
         self.reaper = asyncio.get_running_loop().create_task(self._reap())
@@ -120,6 +136,10 @@ class Sessions:
         lost = self.lost.get(session_id)
         if lost is not None and lost[0] == owner:
             raise ApiError(410, "session_lost", f"this session ended: {lost[1]}")
+        node, dot, _ = session_id.partition(".")
+        if dot and NODE.fullmatch(node) and node != self.node:
+            raise ApiError(410, "session_lost", "this session ended: the host that held it "
+                           "was replaced or taken out of service")
         raise ApiError(404, "session_not_found", "no such session: it was never made, was "
                        "deleted, or expired")
 
@@ -155,8 +175,10 @@ class Sessions:
             self.runs.give_back(lease, exc.result)
             raise ApiError(503, "unavailable", "the session could not be started; retry",
                            retry_after=1) from None
-        session = Session(secrets.token_hex(16), tenant.name, lease, channel, limits, idle,
-                          ttl, cpu_total)
+        session_id = f"{self.node}.{secrets.token_hex(16)}" if self.node else \
+            secrets.token_hex(16)
+        session = Session(session_id, tenant.name, lease, channel, limits, idle, ttl,
+                          cpu_total)
         self.live[session.id] = session
         self.metrics.sessions = len(self.live)
         logs.event(log, "session_started", key=tenant.name, session=session.id,
