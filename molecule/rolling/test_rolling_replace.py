@@ -4,7 +4,9 @@ balancer on this host's loopback, with clients sending runs throughout.
 
 - A full rollout (ansible/rolling_replace.yml) replaces every host, and no client request
   fails. Each new host gets the fleet's key file and believes the balancer's
-  X-Forwarded-For, so its nginx sees (and limits) the real client, not the balancer.
+  X-Forwarded-For, so its nginx sees (and limits) the real client, not the balancer. A
+  session kept busy through the rollout is served by its host until that host's drain
+  gives up on it, then answers 410.
 - A rollout of a deliberately broken image (its runner config does not parse) stops at the
   canary: the other hosts stay on the image they had and keep serving, and no client
   request fails.
@@ -25,9 +27,11 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -44,6 +48,7 @@ THINK_S = 0.05
 # Load bounds: the load runs only while a rollout does, and never past these.
 MAX_LOAD_S, MAX_REQUESTS = 1200, 50_000
 OLD_COMMIT = "0" * 40
+SESSION_DRAIN_S = 10
 READY_TIMEOUT_S = 120
 
 
@@ -108,6 +113,8 @@ class Fleet:
                 "rolling_keys_file": str(self.keys_file),
                 "rolling_api_key": self.key,
                 "rolling_trusted_proxies": [bridge_address()],
+                # The session the test keeps busy holds its host this long, then is lost.
+                "rolling_session_drain_timeout": SESSION_DRAIN_S,
             }}}))
 
     def playbook(self, name: str, image: str) -> subprocess.CompletedProcess[str]:
@@ -163,6 +170,59 @@ class Load:
         return self.done, self.failures
 
 
+class SessionLoad:
+    """One client keeping a session busy through the rollout, through the balancer: each
+    answer must be the session's next count, until its host is replaced; then `410`, and
+    nothing else (never another host's `404`, never a wrong count)."""
+
+    def __init__(self, port: int, key: str) -> None:
+        self.base = f"http://127.0.0.1:{port}/v1/sessions"
+        self.headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+        self.session = self.post(self.base, {})[1]["id"]
+        self.counted = 0
+        self.lost = ""
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.client)
+        self.thread.start()
+
+    def post(self, url: str, body: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        request = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                         headers=self.headers)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                return answer.status, json.load(answer)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+
+    def client(self) -> None:
+        runs = f"{self.base}/{self.session}/runs"
+        if self.post(runs, {"code": "n = 0"})[0] != 200:
+            self.failures.append("the session did not take its first cell")
+            return
+        started = time.monotonic()
+        while not self.stop.is_set() and time.monotonic() - started < MAX_LOAD_S:
+            try:
+                status, answer = self.post(runs, {"code": "n += 1\nn"})
+            except Exception as exc:  # every failure counts, whatever it is
+                self.failures.append(f"{type(exc).__name__}: {exc}")
+                return
+            if status == 410:
+                self.lost = answer["error"]["message"]
+                return
+            shown = [o["data"] for o in answer.get("outputs", [])]
+            if status != 200 or shown != [str(self.counted + 1)]:
+                self.failures.append(f"HTTP {status}: {answer}")
+                return
+            self.counted += 1
+            self.stop.wait(0.3)
+
+    def finish(self) -> tuple[int, str, list[str]]:
+        self.stop.set()
+        self.thread.join()
+        return self.counted, self.lost, self.failures
+
+
 def unpack_images(work: Path) -> dict[str, Path]:
     new, old, broken = work / "new", work / "old", work / "broken"
     new.mkdir()
@@ -181,7 +241,8 @@ def unpack_images(work: Path) -> dict[str, Path]:
 def start_lb(directory: Path, port: int) -> None:
     directory.mkdir()
     (directory / "upstream.conf").write_text(
-        "upstream stockade_fleet { server 127.0.0.1:9 down; }\n")
+        "upstream stockade_fleet { server 127.0.0.1:9 down; }\n"
+        "map $uri $stockade_fleet_route { default stockade_fleet; }\n")
     (directory / "nginx.conf").write_text(f"""
 pid {directory}/nginx.pid;
 error_log {directory}/error.log;
@@ -193,7 +254,7 @@ http {{
         listen 127.0.0.1:{port};
         client_max_body_size 4m;
         location / {{
-            proxy_pass http://stockade_fleet;
+            proxy_pass http://$stockade_fleet_route;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
@@ -244,8 +305,10 @@ def fleet() -> Iterator[Fleet]:
 
 
 def upstream(fleet: Fleet) -> list[str]:
+    """The hosts in the balancer's upstream for runs (the first block of its file)."""
     text = (fleet.work / "lb" / "upstream.conf").read_text()
-    return sorted(line.split()[1].rsplit(":", 1)[0] for line in text.splitlines()
+    block = text.split("upstream stockade_fleet {", 1)[1].split("}", 1)[0]
+    return sorted(line.split()[1].rsplit(":", 1)[0] for line in block.splitlines()
                   if line.strip().startswith("server "))
 
 
@@ -253,11 +316,16 @@ def test_full_rollout_replaces_every_host_with_no_failed_request(fleet: Fleet) -
     before = {h: machine_id(h) for h in HOSTS}
     assert {stamp(h)["STOCKADE_COMMIT"] for h in HOSTS} == {OLD_COMMIT}
     load = Load(fleet.lb_port, fleet.key)
+    session = SessionLoad(fleet.lb_port, fleet.key)
     rollout = fleet.playbook("rolling_replace.yml", "new")
     done, failures = load.finish()
+    counted, lost, session_failures = session.finish()
     assert rollout.returncode == 0, rollout.stdout[-6000:] + rollout.stderr[-3000:]
     assert failures == [], f"{len(failures)} of {done} requests failed: {failures[:5]}"
     assert done >= 100, f"only {done} requests during the rollout"
+    # The session's requests reached its host until its drain gave up on it, then 410.
+    assert session_failures == [], session_failures
+    assert "replaced" in lost and counted >= SESSION_DRAIN_S / 0.5, (counted, lost)
     new_commit = (fleet.images["new"] / "etc/stockade-release").read_text()
     for host in HOSTS:
         assert f"STOCKADE_COMMIT={stamp(host)['STOCKADE_COMMIT']}" in new_commit, host
