@@ -9,13 +9,15 @@ operations are walked here.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import hypothesis
 import pytest
 import schemathesis
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
-from stockade.runner.local import RunnerProcess
+from stockade.runner.local import RunnerProcess, request
 
 SETTINGS = hypothesis.settings(max_examples=25, deadline=None, derandomize=True,
                                database=None, suppress_health_check=list(hypothesis.HealthCheck))
@@ -39,3 +41,12 @@ def test_api_keeps_to_its_openapi_document(runner: RunnerProcess, mode: Generati
         call()
         checked.append(operation.label)
     assert "POST /v1/runs" in checked and "POST /api/v2/execute" in checked
+    assert "POST /v1/sessions/{id}/runs" in checked
+
+
+@pytest.fixture(autouse=True)
+def _no_session_outlives_the_fuzzing(runner: RunnerProcess) -> Iterator[None]:
+    """Sessions the fuzzer started would hold the session pool for later tests."""
+    yield
+    for session in runner.get("/v1/sessions").json()["sessions"]:
+        request(runner.port, "DELETE", f"/v1/sessions/{session['id']}")

@@ -121,7 +121,7 @@ def test_piston_runtimes_and_languages(runner: RunnerProcess) -> None:
 def test_health_ready_and_metrics(runner: RunnerProcess) -> None:
     assert runner.get("/healthz").status == 200
     ready = runner.get("/readyz")
-    assert ready.status == 200 and ready.json()["size"] == runner.config.containers
+    assert ready.status == 200 and ready.json()["size"] == runner.config.all_containers
     runner.run("print(1)")
     metrics = runner.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain; version=")

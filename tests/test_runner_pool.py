@@ -87,7 +87,7 @@ def test_a_failed_program_keeps_its_container_and_a_foreign_signal_does_not(
     assert runner.run("import os\nos.abort()").status == "signaled"
     wait_for_full_pool(runner)
     after = set(runner.containers())
-    assert len(before - after) == 1 and len(after) == runner.config.containers, (before, after)
+    assert len(before - after) == 1 and len(after) == runner.config.all_containers, (before, after)
 
 
 def test_a_zygote_gone_while_idle_costs_no_run(runner: RunnerProcess) -> None:

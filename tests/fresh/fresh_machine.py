@@ -260,6 +260,22 @@ def check_stream() -> None:
     say(f"a streamed run: events {', '.join(names)}")
 
 
+def check_session() -> None:
+    """A session keeps its state, shows a table and a figure, and ends with its input."""
+    script = shlex.quote("import pandas as pd\ndf = pd.DataFrame({'a': [1, 2]})\n"
+                         "df.a.sum()\nimport matplotlib.pyplot as plt\nplt.plot([1, 2])\n")
+    done = attach(f"cd {CHECKOUT} && printf %s {script} | .venv/bin/stockade session "
+                  "--out /root/session-out && head -c 4 /root/session-out/stockade-output-1.png"
+                  " | od -c | head -1")
+    if "3\n" not in done.stdout or "P   N   G" not in done.stdout:
+        raise FreshTestError(f"stockade session did not keep its state or save its figure: "
+                             f"{done.stdout[-500:]!r}")
+    left = attach(f"curl -fsS {URL}/v1/sessions").stdout
+    if json.loads(left) != {"sessions": []}:
+        raise FreshTestError(f"the session outlived its input: {left}")
+    say("a session: state kept between cells, a figure saved, ended with its input")
+
+
 def check_pages() -> None:
     """The playground and the API docs, with the browser library fetched at set-up."""
     for path, words in (("/", "stockade playground"), ("/docs", "swagger-ui-bundle.js")):
@@ -315,6 +331,7 @@ def main() -> int:
                 start_container()
                 run_setup(command)
                 check_runs()
+                check_session()
                 check_pages()
                 check_uninstall()
             finally:

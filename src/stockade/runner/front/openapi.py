@@ -34,7 +34,13 @@ def _errors(kind: str, *codes: int) -> dict[str, Any]:
                  429: "Over the key's rate or its share of the queue; retry after "
                       "Retry-After seconds.",
                  503: "Saturated or not running; retry after Retry-After seconds.",
-                 500: "stockade itself failed."}
+                 500: "stockade itself failed.",
+                 404: "No such session (or file): never made, another key's, deleted or "
+                      "expired; or this runner serves no sessions.",
+                 409: "A call is in progress in this session; retry when it has ended.",
+                 410: "The session ended by itself (a limit, exit(), its container "
+                      "failed); the message says why.",
+                 502: "The session answered wrongly (its program broke its channel)."}
     answers = {str(code): _json_body(kind, described[code]) for code in codes}
     for code in ("429", "503"):
         if code in answers:
