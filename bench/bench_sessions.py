@@ -60,22 +60,34 @@ class Sessions:
 
 
 def latency(runner: RunnerProcess, rounds: int) -> dict[str, float]:
+    """Trivial cells, then session starts, each interleaved with bare spawns (apart: a
+    session's end sets its container up for the next in the background); and cells back
+    to back."""
     client = Sessions(runner.port)
     _, kept = client.start()
     for _ in range(10):
         client.cell(kept, "1")
         bare_spawn()
-    samples: dict[str, list[float]] = {"bare": [], "start": [], "cell": []}
-    for _ in range(rounds):  # interleaved, so drift hits all three alike
+    samples: dict[str, list[float]] = {"bare": [], "start": [], "cell": [], "get": []}
+    for _ in range(rounds):  # interleaved, so drift hits all alike
+        samples["bare"].append(bare_spawn())
+        samples["cell"].append(client.cell(kept, "1"))
+        samples["bare"].append(bare_spawn())
+        # The floor: the same HTTP path to the same session, no call into it.
+        samples["get"].append(client.call("GET", f"/v1/sessions/{kept}")[0])
+    # As a notebook sends them: one after another (no spawn between to chill the caches).
+    samples["cell_back_to_back"] = [client.cell(kept, "1") for _ in range(rounds)]
+    client.end(kept)
+    for _ in range(rounds):
         samples["bare"].append(bare_spawn())
         took, session = client.start()
         samples["start"].append(took)
         client.end(session)
-        samples["cell"].append(client.cell(kept, "1"))
-    client.end(kept)
     out = {f"{name}_median_ms": statistics.median(v) * 1000 for name, v in samples.items()}
     out["start_ratio"] = out["start_median_ms"] / out["bare_median_ms"]
     out["cell_ratio"] = out["cell_median_ms"] / out["bare_median_ms"]
+    out["cell_back_to_back_ratio"] = out["cell_back_to_back_median_ms"] / out["bare_median_ms"]
+    out["get_ratio"] = out["get_median_ms"] / out["bare_median_ms"]
     return out
 
 
@@ -148,8 +160,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=200)
     args = parser.parse_args()
-    config = runner_config(18190, "stockade-bs-", pool_size=1, lean_pool_size=1,
-                           sessions=SessionPolicy(pool_size=2))
+    config = runner_config(18190, "stockade-bs-", sessions=SessionPolicy(pool_size=2))
     runner = RunnerProcess(config)
     runner.start()
     try:

@@ -73,6 +73,8 @@ class SessionChannel:
         self.broken = ""  # how the session's program broke its channel, if it did
         self.cpu_used = 0.0
         self.memory_peak_kib = 0
+        self.probes = 0  # Probes sent whose Usage has not been read
+        self.before: protocol.Usage | None = None  # the current call's starting usage
 
     def open(self, terms: protocol.SessionTerms) -> None:
         """Start the session's run: the driver as its program, the control socket as its
@@ -110,12 +112,23 @@ class SessionChannel:
         started = time.monotonic()
         cap = limits.output_kib * 1024
         out, err = client.Capture(cap, "stdout"), client.Capture(cap, "stderr")
-        before = self._probe(limits.cpu_time_s)
-        if isinstance(before, Outcome):  # gone before this call began: nothing of it ran
-            raise SessionEnded(self._end(before, limits, out, err, started))
+        # The call's CPU budget and its starting usage, asked for as the cell is sent,
+        # not before it: the zygote answers a Probe it has read before any report, so a
+        # report that comes first means the session had ended before this call began.
+        self.before = None
+        self._ask(limits.cpu_time_s)
         self._send(cell)
         deadline = started + limits.wall_time_s
         answer = self._await_answer(deadline, {self.out_r: out, self.err_r: err}, sink)
+        while self.before is None and not isinstance(answer, Outcome):  # still owed
+            message = self._zygote_message(time.monotonic() + ANSWER_GRACE_S)
+            if isinstance(message, Outcome):
+                answer = message
+            else:
+                self._on_usage(message)
+        before = self.before
+        if before is None:  # gone before this call began: nothing of it ran
+            raise SessionEnded(self._end(answer, limits, out, err, started))
         if not isinstance(answer, Outcome | protocol.CellDone):
             answer = self._broken("it answered a cell with a file operation's answer")
         if isinstance(answer, Outcome):  # the session ended during the call
@@ -188,18 +201,31 @@ class SessionChannel:
         with contextlib.suppress(OSError):  # the session is ending: its report says how
             self.control.sendall(protocol.frame(request))
 
-    def _probe(self, budget: float | None) -> protocol.Usage | Outcome:
-        """The zygote's Usage; or, if the session has ended, its report."""
+    def _ask(self, budget: float | None) -> None:
+        """Send a Probe; its Usage is read by `_usage` (or while awaiting an answer)."""
         if self.ended is not None:
             raise SessionEnded(self.ended)
-        try:
+        with contextlib.suppress(OSError):  # a zygote that is gone says so on reading
             protocol.send(self.sock, protocol.Probe(budget))
-        except OSError as exc:
-            return Outcome(error=f"the sandbox hung up: {exc}")
-        message = self._zygote_message(time.monotonic() + ANSWER_GRACE_S)
-        if isinstance(message, protocol.Usage):
-            self.cpu_used, self.memory_peak_kib = message.cpu_time_s, message.memory_peak_kib
-        return message
+            self.probes += 1
+
+    def _on_usage(self, usage: protocol.Usage) -> None:
+        self.probes -= 1
+        if self.before is None:
+            self.before = usage
+        self.cpu_used, self.memory_peak_kib = usage.cpu_time_s, usage.memory_peak_kib
+
+    def _probe(self, budget: float | None) -> protocol.Usage | Outcome:
+        """The zygote's Usage now (after any still owed); or, if the session has ended,
+        its report."""
+        self._ask(budget)
+        while True:
+            message = self._zygote_message(time.monotonic() + ANSWER_GRACE_S)
+            if isinstance(message, Outcome):
+                return message
+            self._on_usage(message)
+            if self.probes == 0:
+                return message
 
     def _zygote_message(self, deadline: float) -> protocol.Usage | Outcome:
         try:
@@ -247,7 +273,11 @@ class SessionChannel:
                     cancelled, deadline = True, time.monotonic() + END_GRACE_S
                 for key, _ in sel.select(max(0.0, deadline - time.monotonic())):
                     if key.data == "zygote":
-                        return self._await_report(time.monotonic() + END_GRACE_S)
+                        message = self._zygote_message(time.monotonic() + END_GRACE_S)
+                        if isinstance(message, Outcome):
+                            return message
+                        self._on_usage(message)
+                        continue
                     if key.data == "stream":
                         if _take(sel, key.fd, streams[key.fd], sink) and not cancelled:
                             self._cancel("output_limit")
