@@ -16,7 +16,7 @@ import pytest
 from stockade.result import Result
 from stockade.runner import local
 from stockade.runner.config import SessionPolicy
-from stockade.runner.local import NginxProcess, RunnerProcess
+from stockade.runner.local import Client, NginxProcess, RunnerProcess
 from stockade.sandbox.cgroups import CgroupDriver
 from stockade.sandbox.config import SandboxConfig
 from support.battery import Context, host_context
@@ -115,3 +115,12 @@ def nginx(runner: RunnerProcess) -> Iterator[NginxProcess]:
         yield proxy
     finally:
         proxy.stop()
+
+
+@pytest.fixture(params=["direct", "nginx"])
+def api(request: pytest.FixtureRequest, runner: RunnerProcess) -> Client:
+    """Both ways in: straight to the runner, and through nginx."""
+    if request.param == "nginx":
+        proxy: NginxProcess = request.getfixturevalue("nginx")
+        return proxy
+    return runner

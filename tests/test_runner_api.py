@@ -18,16 +18,6 @@ import pytest
 
 from stockade.runner.local import Client, NginxProcess, RunnerProcess, request
 
-
-@pytest.fixture(params=["direct", "nginx"])
-def api(request: pytest.FixtureRequest, runner: RunnerProcess) -> Client:
-    """Both ways in: straight to the runner, and through nginx."""
-    if request.param == "nginx":
-        proxy: NginxProcess = request.getfixturevalue("nginx")
-        return proxy
-    return runner
-
-
 STATUSES = [
     ("ok", "print('hi')", {}, {"stdout": "hi\n", "exit_code": 0}),
     ("runtime_error", "raise SystemExit(3)", {}, {"exit_code": 3}),

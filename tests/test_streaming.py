@@ -14,7 +14,7 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 
 from stockade.runner.front import streaming
-from stockade.runner.local import Client, NginxProcess, RunnerProcess
+from stockade.runner.local import Client, RunnerProcess
 from support.sse import stream
 
 STOCKADE = [sys.executable, "-m", "stockade"]
@@ -22,14 +22,6 @@ STOCKADE = [sys.executable, "-m", "stockade"]
 PRINT_SLEEP_PRINT = ("import sys, time\nprint('first', flush=True)\n"
                      "sys.stderr.write('warned\\n'); sys.stderr.flush()\n"
                      "time.sleep(1.5)\nprint('second')\n")
-
-
-@pytest.fixture(params=["direct", "nginx"])
-def api(request: pytest.FixtureRequest, runner: RunnerProcess) -> Client:
-    if request.param == "nginx":
-        proxy: NginxProcess = request.getfixturevalue("nginx")
-        return proxy
-    return runner
 
 
 # -- units -------------------------------------------------------------------------------

@@ -208,8 +208,9 @@ def _collect(sock: socket.socket, streams: dict[int, Capture], limits: Limits,
     return outcome
 
 
-def _read_report(sock: socket.socket) -> Outcome | None:
-    """The run's outcome; None for an Idle left from the connection's previous run."""
+def zygote_message(sock: socket.socket) -> protocol.Idle | protocol.Usage | Outcome:
+    """The zygote's next message: a report as its outcome, and a zygote that is gone or
+    says something that does not decode as an outcome that says so."""
     try:
         raw, _ = protocol.receive(sock)
     except (OSError, protocol.ProtocolError) as exc:
@@ -220,9 +221,15 @@ def _read_report(sock: socket.socket) -> Outcome | None:
         message = protocol.decode_zygote(raw)
     except protocol.ProtocolError as exc:
         return Outcome(error=str(exc))
+    return message.outcome if isinstance(message, protocol.Report) else message
+
+
+def _read_report(sock: socket.socket) -> Outcome | None:
+    """The run's outcome; None for an Idle left from the connection's previous run."""
+    message = zygote_message(sock)
     if isinstance(message, protocol.Usage):
         return Outcome(error="the sandbox answered a probe no one sent")
-    return None if isinstance(message, protocol.Idle) else message.outcome
+    return None if isinstance(message, protocol.Idle) else message
 
 
 def await_idle(sock: socket.socket, timeout_s: float) -> bool:

@@ -230,21 +230,16 @@ class SessionChannel:
     def _zygote_message(self, deadline: float) -> protocol.Usage | Outcome:
         try:
             self.sock.settimeout(max(0.0, deadline - time.monotonic()))
-            raw, _ = protocol.receive(self.sock)
-        except (OSError, protocol.ProtocolError) as exc:
-            return Outcome(error=f"unreadable answer from the sandbox: {exc}")
+        except OSError as exc:
+            return Outcome(error=f"the sandbox hung up: {exc}")
+        try:
+            message = client.zygote_message(self.sock)
         finally:
             with contextlib.suppress(OSError):
                 self.sock.settimeout(None)
-        if not raw:
-            return Outcome(error="the sandbox closed the connection")
-        try:
-            message = protocol.decode_zygote(raw)
-        except protocol.ProtocolError as exc:
-            return Outcome(error=str(exc))
         if isinstance(message, protocol.Idle):
             return Outcome(error="the sandbox said idle while a session lived")
-        return message.outcome if isinstance(message, protocol.Report) else message
+        return message
 
     def _await_report(self, deadline: float) -> Outcome:
         while True:
