@@ -156,6 +156,30 @@ def test_output_shows_while_the_program_still_runs(browser: WebDriver, page: str
     assert stdout.text == "first\nsecond"
 
 
+def test_with_keep_state_runs_are_cells_of_one_session(browser: WebDriver, page: str,
+                                                      nginx: NginxProcess) -> None:
+    browser.find_element(By.ID, "keep").click()
+    type_program(browser, "import pandas as pd\nx = 41")
+    run_and_wait(browser, "ok")
+    assert "1 cells run" in browser.find_element(By.ID, "session-info").text
+    type_program(browser, "x + 1")
+    run_and_wait(browser, "ok")
+    assert browser.find_element(By.CSS_SELECTOR, "#shown pre").text == "42"
+    type_program(browser, "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\n"
+                 "pd.DataFrame({'a': [1, 2]})")
+    run_and_wait(browser, "ok")
+    image = wait(browser, "the figure", lambda d: d.find_element(By.CSS_SELECTOR, "#shown img"))
+    assert browser.execute_script("return arguments[0].naturalWidth", image) > 100
+    frame = browser.find_element(By.CSS_SELECTOR, "#shown iframe")
+    assert frame.get_attribute("sandbox") == "" and "<table" in frame.get_attribute("srcdoc")
+    shot(browser, "session")
+    assert len(nginx.get("/v1/sessions").json()["sessions"]) == 1
+    browser.find_element(By.ID, "end-session").click()
+    wait(browser, "the session's end", lambda d: not nginx.get("/v1/sessions").json()[
+        "sessions"])
+    assert browser.find_element(By.ID, "session-info").text == "session ended"
+
+
 def test_keyboard_tab_indents_and_escape_tab_leaves(browser: WebDriver, page: str) -> None:
     type_program(browser, "if True:\n")
     editor = browser.find_element(By.ID, "code")

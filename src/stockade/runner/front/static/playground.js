@@ -1,14 +1,15 @@
-// The playground: one page over the runner's own API (POST /v1/runs, GET /v1/languages,
-// GET /openapi.json). Program output is only ever text (textContent); files a run leaves in
-// out/ are downloads, and only PNG/JPEG/GIF images and HTML are shown, the HTML in a
-// sandboxed frame with no scripts. The API key, where one is needed, lives in this tab's
+// The playground: one page over the runner's own API (POST /v1/runs, the /v1/sessions
+// routes, GET /v1/languages, GET /openapi.json). Program output is only ever text
+// (textContent); files a run leaves in out/ are downloads, and only PNG/JPEG/GIF images and
+// HTML are shown (a session's values too), the HTML in a sandboxed frame with no scripts. The API key, where one is needed, lives in this tab's
 // sessionStorage only.
 "use strict";
 
 (() => {
   const $ = (id) => document.getElementById(id);
   const KEY_STORE = "stockade.api-key";
-  const state = { anonymous: true, limits: null, files: [], urls: [], escaped: false };
+  const state = { anonymous: true, limits: null, files: [], urls: [], escaped: false,
+                  session: null, cells: 0, shownUrls: [] };
 
   // -- the editor: a textarea over a highlighted copy of its text -------------------------
 
@@ -161,13 +162,65 @@
 
   // -- a run ----------------------------------------------------------------------------------
 
-  function request() {
+  function limitsAsked() {
     const limits = {};
     for (const input of document.querySelectorAll("[data-limit]")) {
       if (input.value.trim() !== "") limits[input.dataset.limit] = Number(input.value);
     }
+    return limits;
+  }
+
+  function request() {
     const args = $("args").value === "" ? [] : $("args").value.replace(/\n$/, "").split("\n");
-    return { code: $("code").value, stdin: $("stdin").value, args, files: state.files, limits };
+    return { code: $("code").value, stdin: $("stdin").value, args, files: state.files,
+             limits: limitsAsked() };
+  }
+
+  function headers(accept) {
+    const sent = { "Content-Type": "application/json", Accept: accept };
+    const key = sessionStorage.getItem(KEY_STORE);
+    if (key) sent.Authorization = `Bearer ${key}`;
+    return sent;
+  }
+
+  // A session is started by the first run with "Keep state", with the limits asked then;
+  // later runs are its cells. It ends with "End session", or when the runner says it has.
+  async function sessionUrl() {
+    if (!state.session) {
+      const answer = await fetch("/v1/sessions", {
+        method: "POST", headers: headers("application/json"),
+        body: JSON.stringify({ limits: limitsAsked() }),
+      });
+      const body = await answer.json().catch(() => null);
+      if (answer.status !== 201 || !body) {
+        showApiError(answer, body);
+        return null;
+      }
+      state.session = body.id;
+      state.cells = 0;
+    }
+    return `/v1/sessions/${state.session}/runs`;
+  }
+
+  function showSession(note) {
+    $("session-box").hidden = !state.session && !note;
+    $("end-session").hidden = !state.session;
+    $("session-info").textContent = note || (state.session
+      ? `session ${state.session.split(".").pop().slice(0, 8)}…, ${state.cells} cells run`
+      : "");
+  }
+
+  function dropSession(note) {
+    state.session = null;
+    showSession(note);
+  }
+
+  async function endSession() {
+    const id = state.session;
+    if (!id) return;
+    dropSession("session ended");
+    await fetch(`/v1/sessions/${id}`, { method: "DELETE", headers: headers("application/json") })
+      .catch(() => null);
   }
 
   async function run() {
@@ -176,21 +229,22 @@
     $("run").disabled = true;
     $("busy").hidden = false;
     $("api-error").hidden = true;
-    // The output streams in as the program writes it; the record comes last.
-    const headers = { "Content-Type": "application/json", Accept: "text/event-stream" };
-    const key = sessionStorage.getItem(KEY_STORE);
-    if (key) headers.Authorization = `Bearer ${key}`;
     try {
-      const answer = await fetch("/v1/runs", {
-        method: "POST", headers, body: JSON.stringify(request()),
+      const url = $("keep").checked ? await sessionUrl() : "/v1/runs";
+      if (!url) return;
+      const body = url === "/v1/runs" ? request()
+        : { code: $("code").value, stdin: $("stdin").value };
+      // The output streams in as the program writes it; the record comes last.
+      const answer = await fetch(url, {
+        method: "POST", headers: headers("text/event-stream"), body: JSON.stringify(body),
       });
       const type = answer.headers.get("Content-Type") || "";
       if (answer.ok && type.startsWith("text/event-stream")) {
         await showStream(answer);
       } else {
-        const body = await answer.json().catch(() => null);
-        if (answer.ok && body) showResult(body);
-        else showApiError(answer, body);
+        const record = await answer.json().catch(() => null);
+        if (answer.ok && record) showResult(record);
+        else showApiError(answer, record);
       }
     } catch (error) {
       showApiError(null, { error: { code: "unreachable", message:
@@ -233,7 +287,9 @@
     $("status").textContent = "running";
     $("status").className = "badge running";
     for (const id of ["facts", "message", "stdout", "stderr"]) $(id).textContent = "";
-    for (const id of ["stdout-truncated", "stderr-truncated", "out"]) $(id).hidden = true;
+    for (const id of ["stdout-truncated", "stderr-truncated", "out", "outputs"]) {
+      $(id).hidden = true;
+    }
     for await (const [name, data] of events(answer)) {
       if (name === "stdout" || name === "stderr") $(name).append(data);
       else if (name === "result") return showResult(data);
@@ -260,6 +316,9 @@
       showKeyBox(true);
       $("key").focus();
     }
+    if (answer && state.session && (answer.status === 404 || answer.status === 410)) {
+      dropSession("the session is gone: the next run starts another");
+    }
   }
 
   function facts(result) {
@@ -282,6 +341,40 @@
     $("stdout-truncated").hidden = !result.stdout_truncated;
     $("stderr-truncated").hidden = !result.stderr_truncated;
     showFiles(result.files || [], Boolean(result.files_truncated));
+    showOutputs(result.outputs || [], Boolean(result.outputs_truncated));
+    if (state.session) {
+      state.cells += 1;
+      if (result.session_ended) dropSession(`the session ended: ${result.message}`);
+      else showSession();
+    }
+  }
+
+  // A session's values: text as text, HTML in a sandboxed frame, PNG as an image.
+  function showOutputs(outputs, truncated) {
+    state.shownUrls.forEach((url) => URL.revokeObjectURL(url));
+    state.shownUrls = [];
+    $("outputs").hidden = outputs.length === 0 && !truncated;
+    $("outputs-truncated").hidden = !truncated;
+    $("shown").replaceChildren(...outputs.map((output) => {
+      if (output.mime === "image/png") {
+        const url = URL.createObjectURL(new Blob([fromBase64(output.data)],
+                                                 { type: "image/png" }));
+        state.shownUrls.push(url);
+        const image = document.createElement("img");
+        Object.assign(image, { src: url, alt: "a figure the cell drew" });
+        return image;
+      }
+      if (output.mime === "text/html") {
+        const frame = document.createElement("iframe");
+        frame.setAttribute("sandbox", "");  // no scripts, no forms, an origin of its own
+        frame.title = "a table the cell showed";
+        frame.srcdoc = output.data;
+        return frame;
+      }
+      const text = document.createElement("pre");
+      text.textContent = output.data;
+      return text;
+    }));
   }
 
   const IMAGES = { png: "image/png", jpg: "image/jpeg", jpeg: "image/jpeg", gif: "image/gif" };
@@ -341,6 +434,16 @@
     $("code").addEventListener("keydown", editorKey);
     $("files").addEventListener("change", readFiles);
     $("run").addEventListener("click", run);
+    $("end-session").addEventListener("click", endSession);
+    $("keep").addEventListener("change", () => {
+      if (!$("keep").checked) endSession();
+    });
+    window.addEventListener("pagehide", () => {  // a tab closed ends its session at once
+      if (state.session) {
+        fetch(`/v1/sessions/${state.session}`, { method: "DELETE", keepalive: true,
+                                                 headers: headers("application/json") });
+      }
+    });
     $("key").addEventListener("input", () => {
       const key = $("key").value.trim();
       if (key) sessionStorage.setItem(KEY_STORE, key);
