@@ -219,6 +219,14 @@ def _files(files: list[FileIn], max_files: int, max_file_bytes: int) -> list[pro
     return decoded
 
 
+def resolve_limits(config: RunnerConfig, requested: LimitsIn | None) -> Limits:
+    """The limits asked for, the defaults filled in; one out of range is a 422."""
+    try:
+        return config.limits.resolve(requested)
+    except LimitError as exc:
+        raise ApiError(422, "limit_out_of_range", exc.message, f"limits.{exc.field}") from None
+
+
 def to_job(request: RunRequest, config: RunnerConfig) -> tuple[Job, Limits]:
     """The one step from a decoded request to what a zygote runs: files decoded and
     checked, args checked, limits resolved against the policy."""
@@ -227,9 +235,6 @@ def to_job(request: RunRequest, config: RunnerConfig) -> tuple[Job, Limits]:
         protocol.check_args(request.args)
     except protocol.ProtocolError as exc:
         raise ApiError(422, "invalid_args", str(exc), "args") from None
-    try:
-        limits = config.limits.resolve(request.limits)
-    except LimitError as exc:
-        raise ApiError(422, "limit_out_of_range", exc.message, f"limits.{exc.field}") from None
+    limits = resolve_limits(config, request.limits)
     return Job(code=request.code, stdin=request.stdin.encode("utf-8", "surrogatepass"),
                args=request.args, files=files), limits

@@ -170,11 +170,6 @@ class SessionChannel:
                                          client.Capture(0), time.monotonic()))
         return answer
 
-    def usage(self) -> protocol.Usage | None:
-        """The session's CPU time and memory peak so far (None once it has ended)."""
-        usage = self._probe(None)
-        return usage if isinstance(usage, protocol.Usage) else None
-
     def cancel_soon(self) -> None:
         """From another thread, while a call is in progress: end the session; the call
         returns with how it ended."""

@@ -20,8 +20,8 @@ import logging
 import re
 import secrets
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from stockade.runner.front.api import Runs
 
 REAP_EVERY_S = 1.0
+RETRY_SESSION_S = 5  # Retry-After when a key or the host has no session to spare
 LOST_REMEMBERED = 10_000  # lost sessions answered with 410 (then 404)
 MACHINE_ID = Path("/etc/machine-id")
 NODE = re.compile(r"[0-9a-f]{12}")
@@ -114,6 +115,7 @@ class Sessions:
         self.caps = Caps(config.sessions.max_outputs, config.sessions.max_output_kib << 10,
                          config.max_file_kib << 10)
         self.live: dict[str, Session] = {}
+        self.starting: Counter[str] = Counter()  # sessions being started, by owner
         self.lost: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id: (owner, why)
         self.threads = ThreadPoolExecutor(max_workers=max(1, config.sessions.pool_size),
                                           thread_name_prefix="session")
@@ -159,22 +161,28 @@ class Sessions:
             raise ApiError(404, "sessions_disabled", "this runner serves no sessions "
                            "(its sessions.pool_size is 0)")
         idle, ttl, cpu_total = schema.session_terms(request, self.config)
-        limits = tenant.within_quota(request.limits, self._limits(request))
+        limits = tenant.within_quota(request.limits,
+                                     schema.resolve_limits(self.config, request.limits))
         allowed = tenant.quota.sessions or max(1, self.config.sessions.pool_size // 2)
-        if self.owned_by(tenant.name) >= allowed:
+        if self.owned_by(tenant.name) + self.starting[tenant.name] >= allowed:
             raise ApiError(429, "too_many_sessions", f"this key has {allowed} sessions "
                            "already; delete one (DELETE /v1/sessions/{id}) or retry later",
-                           retry_after=max(1, int(idle)))
+                           retry_after=RETRY_SESSION_S)
         tenant.spend_token()
-        lease = await self._lease(tenant)
-        channel = SessionChannel(lease.connection, limits, self.caps)  # type: ignore[arg-type]
-        terms = protocol.SessionTerms(ttl + SESSION_TTL_BACKSTOP_S, cpu_total)
+        self.starting[tenant.name] += 1
         try:
-            await self._in_thread(channel.open, terms)
-        except SessionEnded as exc:
-            self.runs.give_back(lease, exc.result)
-            raise ApiError(503, "unavailable", "the session could not be started; retry",
-                           retry_after=1) from None
+            lease = await self._lease(tenant)
+            assert lease.connection is not None
+            channel = SessionChannel(lease.connection, limits, self.caps)
+            terms = protocol.SessionTerms(ttl + SESSION_TTL_BACKSTOP_S, cpu_total)
+            try:
+                await self._in_thread(channel.open, terms)
+            except SessionEnded as exc:
+                self.runs.give_back(lease, exc.result)
+                raise ApiError(503, "unavailable", "the session could not be started; "
+                               "retry", retry_after=1) from None
+        finally:
+            self.starting[tenant.name] -= 1
         session_id = f"{self.node}.{secrets.token_hex(16)}" if self.node else \
             secrets.token_hex(16)
         session = Session(session_id, tenant.name, lease, channel, limits, idle, ttl,
@@ -185,14 +193,6 @@ class Sessions:
                    container=lease.name, ttl_s=ttl, idle_timeout_s=idle)
         return session
 
-    def _limits(self, request: schema.SessionRequest) -> Limits:
-        try:
-            return self.config.limits.resolve(request.limits)
-        except Exception as exc:
-            field_name = getattr(exc, "field", None)
-            raise ApiError(422, "limit_out_of_range", str(exc),
-                           f"limits.{field_name}" if field_name else "limits") from None
-
     async def _lease(self, tenant: Tenant) -> Lease:
         """A container of the sessions' pool, with its zygote's connection open."""
         try:
@@ -201,7 +201,7 @@ class Sessions:
         except TimeoutError:
             raise ApiError(503, "sessions_full", f"all {self.config.sessions.pool_size} "
                            "session containers of this runner are in use; retry later",
-                           retry_after=5) from None
+                           retry_after=RETRY_SESSION_S) from None
         except ChannelError:
             raise ApiError(503, "pool_gone", "the container pool is not running",
                            retry_after=1) from None
@@ -242,8 +242,8 @@ class Sessions:
                    started: Callable[[], None] | None = None) -> schema.CellResult:
         """Run a cell. A session found gone before the cell began is a 410; one that a cell
         ends (a limit, exit()) answers this call with the record, and 410 after."""
-        tenant.spend_token()
         async with self._busy(session):
+            tenant.spend_token()  # a call refused as busy costs none
             if started is not None:
                 started()
             try:
@@ -281,7 +281,7 @@ class Sessions:
         return ApiError(410, "session_lost", f"this session ended: {why}")
 
     @contextlib.asynccontextmanager
-    async def _busy(self, session: Session):  # type: ignore[no-untyped-def]
+    async def _busy(self, session: Session) -> AsyncIterator[None]:
         if self.live.get(session.id) is not session:  # ended while the request was read
             self.find(session.owner, session.id)
         if session.busy:
