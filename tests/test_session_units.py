@@ -33,9 +33,10 @@ STOCKADE = [sys.executable, "-m", "stockade"]
 
 @pytest.fixture
 def kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[Kernel]:
-    """A kernel in this process, with __main__, stdin and stdout put back after."""
+    """A kernel in this process, with __main__, stdin and the display hook put back after."""
     monkeypatch.setitem(sys.modules, "__main__", sys.modules["__main__"])
     monkeypatch.setattr(sys, "stdin", sys.stdin)
+    monkeypatch.setattr(sys, "displayhook", sys.displayhook)
     yield Kernel(Caps(max_outputs=3, max_output_bytes=100, max_file_bytes=10))
 
 
@@ -43,6 +44,9 @@ def test_a_cells_last_expression_is_shown_and_names_persist(kernel: Kernel) -> N
     assert kernel.run_cell(protocol.Cell("x = 2")) == protocol.CellDone(False)
     done = kernel.run_cell(protocol.Cell("y = x * 21\ny"))
     assert done.outputs == [protocol.RichOutput("text/plain", "42")]
+    walrus = kernel.run_cell(protocol.Cell("(z := y + 1)"))  # binds in the namespace too
+    assert walrus.outputs[0].data == "43"
+    assert kernel.run_cell(protocol.Cell("z")).outputs[0].data == "43"
     assert kernel.run_cell(protocol.Cell("print(y); None")).outputs == []
     assert kernel.run_cell(protocol.Cell("input()", stdin="typed\n")).outputs[0].data \
         == "'typed'"

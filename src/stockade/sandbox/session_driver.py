@@ -114,6 +114,7 @@ class Kernel:
         self.module = types.ModuleType("__main__")
         self.module.__dict__.update(__builtins__=builtins, display=self.display)
         sys.modules["__main__"] = self.module
+        sys.displayhook = self._displayhook
 
     def display(self, *values: Any) -> None:
         """Show each value now, as the value of a cell's last expression is shown."""
@@ -146,17 +147,18 @@ class Kernel:
         return protocol.CellDone(error, self.shown.outputs, self.shown.truncated)
 
     def _execute(self, code: str, name: str) -> None:
+        """Run the cell; its last statement, if an expression, as Python's REPL runs one
+        (mode "single"), whose value goes to sys.displayhook: shown, as a notebook does."""
         # Tracebacks quote the cell's lines, as they would a file's.
         linecache.cache[name] = (len(code), None, code.splitlines(keepends=True), name)
         tree = ast.parse(code, name)
-        last = tree.body[-1] if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
         namespace = self.module.__dict__
-        if last is None:
-            exec(compile(tree, name, "exec"), namespace)  # noqa: S102 - the point
-            return
-        body = ast.Module(tree.body[:-1], type_ignores=[])
-        exec(compile(body, name, "exec"), namespace)  # noqa: S102
-        value = eval(compile(ast.Expression(last.value), name, "eval"), namespace)  # noqa: S307
+        exec(compile(tree, name, "exec"), namespace)  # noqa: S102 - the point
+        if last is not None:
+            exec(compile(ast.Interactive([last]), name, "single"), namespace)  # noqa: S102
+
+    def _displayhook(self, value: object) -> None:
         if value is not None:
             show(self.shown, value)
 
