@@ -63,10 +63,6 @@ class Start(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="start"
     session: SessionTerms | None = None
 
 
-# Why a client cancels, as the zygote records it: the run's result names the limit.
-CANCEL_REASONS = ("cancelled", "output_limit", "wall_time_limit")
-
-
 class Cancel(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="cancel"):
     reason: str = "cancelled"
 
@@ -122,7 +118,6 @@ class OutboxContent(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 FRAME_HEADER = 4
 FRAME_OVERHEAD = 64 * 1024  # names and framing, beyond the content caps
-MIME_TYPES = ("text/plain", "text/html", "image/png")
 
 
 class Cell(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="cell"):

@@ -263,7 +263,7 @@ def check_stream() -> None:
 def check_session() -> None:
     """A session keeps its state, shows a table and a figure, and ends with its input."""
     script = shlex.quote("import pandas as pd\ndf = pd.DataFrame({'a': [1, 2]})\n"
-                         "df.a.sum()\nimport matplotlib.pyplot as plt\nplt.plot([1, 2])\n")
+                         "int(df.a.sum())\nimport matplotlib.pyplot as plt\nplt.plot([1, 2])\n")
     done = attach(f"cd {CHECKOUT} && printf %s {script} | .venv/bin/stockade session "
                   "--out /root/session-out && head -c 4 /root/session-out/stockade-output-1.png"
                   " | od -c | head -1")

@@ -34,7 +34,7 @@ def test_a_session_keeps_its_state_draws_a_figure_and_ends(caller: Caller) -> No
         assert call(caller, "POST", runs, {"code": "import pandas as pd\n"
                                            "df = pd.DataFrame({'a': [1, 2]})"})[0] == 200
         status, body = call(caller, "POST", runs, {"code": "import matplotlib.pyplot as plt\n"
-                                                   "plt.plot(df.a)\ndf.a.sum()"})
+                                                   "plt.plot(df.a)\nint(df.a.sum())"})
         record = json.loads(body)
         assert record["status"] == "ok", record
         by_mime = {o["mime"]: o["data"] for o in record["outputs"]}

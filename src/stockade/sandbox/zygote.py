@@ -30,7 +30,7 @@ from stockade import protocol
 from stockade.limits import LimitError, Limits
 from stockade.result import KillReason, Outcome
 from stockade.sandbox import collector, confine
-from stockade.sandbox import session_driver as _session_driver  # noqa: F401 - for sessions
+from stockade.sandbox import session_driver as _session_driver  # noqa: F401 - see preload
 from stockade.sandbox.cgroups import CgroupDriver, CgroupError, RunCgroup
 from stockade.sandbox.config import SandboxConfig
 from stockade.sandbox.family import (
@@ -54,6 +54,7 @@ PRELOAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
 log = logging.getLogger(__name__)
 
 
+# A client's Cancel names why (a limit it holds): the run's result names that limit.
 CANCEL_KILLS = {"output_limit": KillReason.OUTPUT, "wall_time_limit": KillReason.WALL_TIME}
 
 
@@ -107,7 +108,8 @@ class Zygote:
         self.busy_cgroups: list[tuple[RunCgroup, float]] = []  # and since when
 
     def preload(self) -> None:
-        """Import what runs need once, then freeze it so forks share it untouched."""
+        """Import what runs need once, then freeze it so forks share it untouched (the
+        session driver is imported with this module: a session's run finds it loaded)."""
         for name in self.config.preload:
             importlib.import_module(name)
         threads = len(os.listdir("/proc/self/task"))
