@@ -148,7 +148,7 @@ def _session(owner: str, **overrides: Any) -> Session:
 
 def test_only_the_owner_finds_a_session_and_a_lost_one_is_410() -> None:
     table = Sessions.__new__(Sessions)
-    table.live, table.lost, table.node = {}, {}, ""
+    table.live, table.lost, table.node, table.incarnation = {}, {}, "", "0000abcd"
     table.metrics = SimpleNamespace(sessions=0)
     session = _session("alice")
     table.live[session.id] = session
@@ -165,21 +165,28 @@ def test_only_the_owner_finds_a_session_and_a_lost_one_is_410() -> None:
     assert still_stranger.value.status == 404
 
 
-def test_a_session_of_another_host_is_410_so_a_replaced_hosts_sessions_are_gone(
+def test_a_session_of_another_host_or_runner_start_is_410_an_unknown_one_404(
         tmp_path: Path) -> None:
     machine_id = tmp_path / "machine-id"
     machine_id.write_text("0123456789abcdef0123456789abcdef\n")
     assert this_node(machine_id) == "0123456789ab"
     assert this_node(tmp_path / "absent") == ""
     table = Sessions.__new__(Sessions)
-    table.live, table.lost, table.node = {}, {}, "0123456789ab"
-    with pytest.raises(ApiError) as elsewhere:
-        table.find("alice", "ba9876543210.00ff")
-    assert elsewhere.value.status == 410 and "replaced" in elsewhere.value.message
-    for unknown in ("0123456789ab.00ff", "no-node-here"):
-        with pytest.raises(ApiError) as here:
+    table.live, table.lost, table.node, table.incarnation = {}, {}, "0123456789ab", "0000abcd"
+    made = table.new_id()
+    node, incarnation, secret = made.split(".")
+    assert (node, incarnation, len(secret)) == ("0123456789ab", "0000abcd", 32)
+    for elsewhere, why in ((f"ba9876543210.0000abcd.{secret}", "replaced"),
+                           (f"0123456789ab.ffff0000.{secret}", "restarted")):
+        with pytest.raises(ApiError) as lost:
+            table.find("alice", elsewhere)
+        assert lost.value.status == 410 and why in lost.value.message
+    for unknown in (made, "no-such-session", f"0123456789ab.0000abcd.{'0' * 32}"):
+        with pytest.raises(ApiError) as never:
             table.find("alice", unknown)
-        assert here.value.status == 404
+        assert never.value.status == 404
+    table.node = ""  # a host without a machine id: ids without a node
+    assert len(table.new_id().split(".")) == 2
 
 
 def test_a_session_expires_when_idle_or_old_but_not_while_busy() -> None:

@@ -51,6 +51,7 @@ RETRY_SESSION_S = 5  # Retry-After when a key or the host has no session to spar
 LOST_REMEMBERED = 10_000  # lost sessions answered with 410 (then 404)
 MACHINE_ID = Path("/etc/machine-id")
 NODE = re.compile(r"[0-9a-f]{12}")
+INCARNATION = re.compile(r"[0-9a-f]{8}")
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ class Sessions:
                                           thread_name_prefix="session")
         self.reaper: asyncio.Task[None] | None = None
         self.node = this_node()
+        self.incarnation = secrets.token_hex(4)  # this runner's start, in every session id
 
     def start(self) -> None:
         self.reaper = asyncio.get_running_loop().create_task(self._reap())
@@ -138,12 +140,21 @@ class Sessions:
         lost = self.lost.get(session_id)
         if lost is not None and lost[0] == owner:
             raise ApiError(410, "session_lost", f"this session ended: {lost[1]}")
-        node, dot, _ = session_id.partition(".")
-        if dot and NODE.fullmatch(node) and node != self.node:
+        parts = session_id.split(".")  # see new_id
+        node = parts[-3] if len(parts) >= 3 else ""
+        incarnation = parts[-2] if len(parts) >= 2 else ""
+        if NODE.fullmatch(node) and node != self.node:
             raise ApiError(410, "session_lost", "this session ended: the host that held it "
                            "was replaced or taken out of service")
+        if INCARNATION.fullmatch(incarnation) and incarnation != self.incarnation:
+            raise ApiError(410, "session_lost", "this session ended: its runner restarted")
         raise ApiError(404, "session_not_found", "no such session: it was never made, was "
                        "deleted, or expired")
+
+    def new_id(self) -> str:
+        """`<node>.<incarnation>.<secret>`: the host (a balancer routes on it), this runner's
+        start (a restart's sessions are told from ones never made), 128 random bits."""
+        return ".".join(p for p in (self.node, self.incarnation, secrets.token_hex(16)) if p)
 
     def _forget(self, session: Session, why: str | None) -> None:
         """Out of the table; `why` (a loss) is remembered for 410s, else it is a 404."""
@@ -183,9 +194,7 @@ class Sessions:
                                "retry", retry_after=1) from None
         finally:
             self.starting[tenant.name] -= 1
-        session_id = f"{self.node}.{secrets.token_hex(16)}" if self.node else \
-            secrets.token_hex(16)
-        session = Session(session_id, tenant.name, lease, channel, limits, idle, ttl,
+        session = Session(self.new_id(), tenant.name, lease, channel, limits, idle, ttl,
                           cpu_total)
         self.live[session.id] = session
         self.metrics.sessions = len(self.live)
