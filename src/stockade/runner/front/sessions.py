@@ -87,7 +87,8 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     calls: int = 0
     busy: bool = False
-    deleted: bool = False  # its caller deleted it while a call was in progress
+    # How and why the front ended it while a call was in progress (see Sessions.end).
+    ending: tuple[SessionEnd, str | None] | None = None
 
     def info(self) -> schema.SessionInfo:
         return schema.SessionInfo(
@@ -228,7 +229,7 @@ class Sessions:
         deleted or expired (404 after). A call in progress is cancelled, and the session
         ends as that call returns."""
         if session.busy:
-            session.deleted = lost is None
+            session.ending = (how, lost)
             session.channel.cancel_soon()
             return
         self._forget(session, lost)
@@ -262,9 +263,10 @@ class Sessions:
                 raise self._lost(session, exc.result) from None
             session.calls += 1
         if done.ended:
-            if session.deleted:
-                self._forget(session, None)
-                self._ended(session, done.result, "deleted", cancelled=True)
+            if session.ending is not None:  # the front ended it (cancelled the call)
+                how, lost = session.ending
+                self._forget(session, lost)
+                self._ended(session, done.result, how, cancelled=True)
             else:
                 self._lost(session, done.result)  # this call's answer says how
         record = done.result
