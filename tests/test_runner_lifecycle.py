@@ -1,5 +1,5 @@
-"""Admission control, draining on SIGTERM, and a crash (SIGKILL) followed by a restart
-that reconciles what was left: each on a runner of its own (one container, one waiter)."""
+"""Admission control, draining on SIGTERM (sessions included), and a crash (SIGKILL)
+followed by a restart that reconciles what was left: each on a runner of its own."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from stockade.runner import local
+from stockade.runner.config import SessionPolicy
 from stockade.runner.local import RunnerProcess
 from support.leftovers import runner_leftovers
 from support.runners import own_runner
@@ -88,3 +89,26 @@ def test_a_pool_that_overcommits_the_host_is_refused_and_leaves_nothing() -> Non
         assert not runner_leftovers(config)
     finally:
         process.close()
+
+
+def test_sigterm_with_live_sessions_ends_them_and_leaves_nothing() -> None:
+    """A stopping runner ends its sessions, an idle one and one mid-call, each with a
+    process it started in the background; the stop is clean and nothing is left."""
+    config = local.runner_config(PORT, "stockade-l-", pool_size=1, lean_pool_size=0,
+                                 sessions=SessionPolicy(pool_size=2))
+    with own_runner(config) as process:
+        ids = [process.post("/v1/sessions", {}).json()["id"] for _ in range(2)]
+        for session in ids:
+            started = process.post(f"/v1/sessions/{session}/runs", {
+                "code": "import subprocess\nbackground = subprocess.Popen(['sleep', '300'])"})
+            assert started.json()["status"] == "ok"
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            busy = pool.submit(process.post, f"/v1/sessions/{ids[1]}/runs",
+                               {"code": "import time\ntime.sleep(30)"})
+            time.sleep(0.5)
+            started_stop = time.monotonic()
+            assert process.stop(signal.SIGTERM) == 0, process.log()
+            assert time.monotonic() - started_stop < 20
+            answer = busy.result()
+        assert answer.status == 200 and answer.json()["session_ended"] is True
+        assert '"reason":"draining"' in process.log()

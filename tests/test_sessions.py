@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -301,7 +302,10 @@ def test_files_go_in_and_out_and_the_cells_see_them(sessions: Sessions) -> None:
 def test_a_keys_session_count_is_bounded(runner: RunnerProcess) -> None:
     keyed = Sessions(runner.with_key(runner.add_key("one-session", "--sessions", "1")))
     try:
-        keyed.start()
+        with ThreadPoolExecutor(max_workers=3) as pool:  # at once: one wins, even so
+            answers = list(pool.map(lambda _: keyed.client.post("/v1/sessions", {}), range(3)))
+        assert sorted(a.status for a in answers) == [201, 429, 429]
+        keyed.started += [a.json()["id"] for a in answers if a.status == 201]
         over = keyed.client.post("/v1/sessions", {})
         assert over.status == 429 and error(over)["code"] == "too_many_sessions"
         assert over.headers["retry-after"]
