@@ -225,13 +225,15 @@ def test_the_repl_gathers_inputs_as_pythons_does() -> None:
 def test_stockade_session_runs_cells_prints_values_and_saves_figures(
         runner: RunnerProcess, tmp_path: Path) -> None:
     script = ("x = 6 * 7\nx\nimport matplotlib.pyplot as plt\nplt.plot([1, 2])\n"
-              "print('printed')\n")
+              "print('printed')\nprint(open('in/data.csv').read().split(',')[1])\n")
+    data = tmp_path / "local.csv"
+    data.write_text("a,from-the-file")
     done = subprocess.run([*STOCKADE, "session", f"--url=http://127.0.0.1:{runner.port}",
-                           "--out", str(tmp_path)], input=script.encode(),
-                          capture_output=True, timeout=120, check=False)
+                           "--out", str(tmp_path), "--file", f"in/data.csv={data}"],
+                          input=script.encode(), capture_output=True, timeout=120, check=False)
     out = done.stdout.decode()
     assert done.returncode == 0, done.stderr
-    assert "42\n" in out and "printed\n" in out
+    assert "42\n" in out and "printed\n" in out and "from-the-file\n" in out
     saved = tmp_path / "stockade-output-1.png"
     assert f"[image/png saved to {saved}]" in out
     assert saved.read_bytes().startswith(b"\x89PNG")

@@ -141,6 +141,9 @@ def _add_session_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     se.add_argument("--ttl", type=float, metavar="S", help="end the session after this long")
     se.add_argument("--cpu-total", type=float, metavar="S",
                     help="CPU time for the session's whole life")
+    se.add_argument("-f", "--file", dest="files", action="append", default=[],
+                    metavar="[NAME=]PATH", help="put PATH in the session's working directory "
+                    "(as NAME) before the first cell; repeatable")
     se.add_argument("-o", "--out", default=".", metavar="DIR",
                     help="where figures and tables are saved (default .)")
     se.add_argument("--url", default="http://127.0.0.1:8080", help="the runner's base URL")
@@ -364,11 +367,16 @@ def cmd_nginx_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _input_file(spec: str) -> FileIn:
+def _named_file(spec: str) -> tuple[str, bytes]:
+    """`[NAME=]PATH`: the name it gets (PATH's own, without NAME) and its content."""
     name, sep, path = spec.partition("=")
     if not sep:
         name, path = Path(spec).name, spec
-    raw = _read_capped(path, MAX_INPUT_FILE)
+    return name, _read_capped(path, MAX_INPUT_FILE)
+
+
+def _input_file(spec: str) -> FileIn:
+    name, raw = _named_file(spec)
     try:
         return FileIn(name=name, content=raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -426,7 +434,7 @@ def cmd_session(args: argparse.Namespace) -> int:
                              ttl_s=args.ttl, cpu_total_s=args.cpu_total)
     try:
         return repl.main(remote.Runner(args.url, os.environ.get(KEY_ENV)), request,
-                         Path(args.out))
+                         Path(args.out), dict(_named_file(spec) for spec in args.files))
     except remote.RemoteError as exc:
         if exc.usage:
             raise UsageError(str(exc)) from None

@@ -43,16 +43,20 @@ class Runner:
         self.url = url.rstrip("/")
         self.key = key
 
-    def call(self, method: str, path: str, body: msgspec.Struct | dict[str, Any] | None,
-             answer_type: type[T], sink: OutputSink | None = None) -> T:
-        """One request; its JSON answer decoded as `answer_type` (or, with `sink`, its
-        events: the output to the sink, the `result` event decoded)."""
-        headers = {"Content-Type": "application/json"}
+    def call(self, method: str, path: str,
+             body: msgspec.Struct | dict[str, Any] | bytes | None, answer_type: type[T],
+             sink: OutputSink | None = None) -> T:
+        """One request (a body of bytes goes as it is, anything else as JSON); its JSON
+        answer decoded as `answer_type` (or, with `sink`, its events: the output to the
+        sink, the `result` event decoded)."""
+        raw_body = isinstance(body, bytes)
+        headers = {"Content-Type": "application/octet-stream" if raw_body
+                   else "application/json"}
         if self.key:
             headers["Authorization"] = f"Bearer {self.key}"
         if sink is not None:
             headers["Accept"] = STREAM_TYPE
-        data = None if body is None else msgspec.json.encode(body)
+        data = body if isinstance(body, bytes) or body is None else msgspec.json.encode(body)
         http_request = urllib.request.Request(  # noqa: S310 - the scheme was checked
             f"{self.url}{path}", data=data, method=method, headers=headers)
         try:

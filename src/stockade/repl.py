@@ -12,6 +12,7 @@ import base64
 import codeop
 import contextlib
 import sys
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
@@ -66,8 +67,17 @@ class Repl:
         target.write(text)
         target.flush()
 
-    def start(self, request: SessionRequest) -> SessionInfo:
-        return self.runner.call("POST", "/v1/sessions", request, SessionInfo)
+    def start(self, request: SessionRequest, files: dict[str, bytes]) -> SessionInfo:
+        """A new session, with `files` (name: content) in its working directory."""
+        session = self.runner.call("POST", "/v1/sessions", request, SessionInfo)
+        try:
+            for name, content in files.items():
+                self.runner.call("PUT", f"/v1/sessions/{session.id}/files/"
+                                 f"{urllib.parse.quote(name)}", content, type(None))
+        except remote.RemoteError:
+            self.end(session)
+            raise
+        return session
 
     def run(self, session: SessionInfo, code: str) -> CellResult:
         result = self.runner.call("POST", f"/v1/sessions/{session.id}/runs",
@@ -100,10 +110,11 @@ class Repl:
             self.runner.call("DELETE", f"/v1/sessions/{session.id}", None, type(None))
 
 
-def main(runner: remote.Runner, request: SessionRequest, out_dir: Path) -> int:
+def main(runner: remote.Runner, request: SessionRequest, out_dir: Path,
+         files: dict[str, bytes]) -> int:
     """The REPL's exit status: 0 when the input ended, 1 when the session was lost."""
     repl = Repl(runner, out_dir, sys.stdout, sys.stderr)
-    session = repl.start(request)
+    session = repl.start(request, files)
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401, PLC0415 - line editing and history for input()
