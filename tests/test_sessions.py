@@ -78,6 +78,13 @@ def sessions(runner: RunnerProcess) -> Iterator[Sessions]:
         client.close()
 
 
+def wait_until_running(sessions: Sessions, session: str) -> None:
+    deadline = time.monotonic() + 10
+    while sessions.client.get(f"/v1/sessions/{session}").json()["state"] != "running":
+        assert time.monotonic() < deadline, "the call never started"
+        time.sleep(0.02)
+
+
 def error(answer: Answer) -> dict[str, Any]:
     detail: dict[str, Any] = answer.json()["error"]
     return detail
@@ -231,10 +238,7 @@ def test_a_call_in_progress_makes_others_wait_with_409(sessions: Sessions) -> No
     slow = threading.Thread(target=sessions.run, args=(session, "import time\ntime.sleep(2)"))
     slow.start()
     try:
-        deadline = time.monotonic() + 10
-        while sessions.client.get(f"/v1/sessions/{session}").json()["state"] != "running":
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until_running(sessions, session)
         busy = sessions.client.post(f"/v1/sessions/{session}/runs", {"code": "1"})
         assert busy.status == 409 and error(busy)["code"] == "session_busy"
         assert sessions.call("GET", f"/v1/sessions/{session}/files").status == 409
@@ -249,7 +253,7 @@ def test_deleting_a_busy_session_cancels_its_call(sessions: Sessions) -> None:
     slow = threading.Thread(target=lambda: answers.append(
         sessions.run(session, "import time\ntime.sleep(30)")))
     slow.start()
-    time.sleep(0.5)
+    wait_until_running(sessions, session)
     started = time.monotonic()
     assert sessions.delete(session) == 204
     slow.join(timeout=10)
