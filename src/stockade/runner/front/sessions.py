@@ -38,7 +38,7 @@ from stockade.runner.front import schema
 from stockade.runner.front.metrics import SessionEnd
 from stockade.runner.front.pool_client import Lease, connect_trusted
 from stockade.runner.front.schema import ApiError
-from stockade.runner.front.session_channel import SessionChannel, SessionEnded
+from stockade.runner.front.session_channel import CallResult, SessionChannel, SessionEnded
 from stockade.runner.front.tenants import Tenant
 from stockade.sandbox import client
 from stockade.sandbox.session_driver import Caps
@@ -260,7 +260,9 @@ class Sessions:
                 done = await self._in_thread(session.channel.call, cell, session.limits,
                                              sink)
             except SessionEnded as exc:
-                raise self._lost(session, exc.result) from None
+                if session.ending is None:  # it was gone before this call began
+                    raise self._lost(session, exc.result) from None
+                done = CallResult(exc.result, ended=True)  # the front ended it first
             session.calls += 1
         if done.ended:
             if session.ending is not None:  # the front ended it (cancelled the call)
