@@ -26,15 +26,21 @@ def call(caller: Caller, method: str, path: str, body: Any = None,
 
 
 def test_a_session_keeps_its_state_draws_a_figure_and_ends(caller: Caller) -> None:
-    status, body = call(caller, "POST", "/v1/sessions", {})
+    # The image test's VM emulates its CPU (qemu TCG): a first figure there takes seconds
+    # of CPU, not the ~0.15 s it takes on a real core; the default per call is 2 s.
+    status, body = call(caller, "POST", "/v1/sessions",
+                        {"limits": {"cpu_time_s": 10, "wall_time_s": 20}})
     assert status == 201, body
     session = json.loads(body)["id"]
     try:
         runs = f"/v1/sessions/{session}/runs"
         assert call(caller, "POST", runs, {"code": "import pandas as pd\n"
                                            "df = pd.DataFrame({'a': [1, 2]})"})[0] == 200
+        # A small figure without text: the emulated CPU draws it in a fraction of the limit.
         status, body = call(caller, "POST", runs, {"code": "import matplotlib.pyplot as plt\n"
-                                                   "plt.plot(df.a)\nint(df.a.sum())"})
+                                                   "plt.figure(figsize=(2, 2), dpi=40)\n"
+                                                   "plt.plot(df.a)\nplt.axis('off')\n"
+                                                   "int(df.a.sum())"})
         record = json.loads(body)
         assert record["status"] == "ok", record
         by_mime = {o["mime"]: o["data"] for o in record["outputs"]}
