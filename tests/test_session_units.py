@@ -4,6 +4,7 @@ frames, terms and their caps, the session table's answers, the REPL's cells; and
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -15,12 +16,14 @@ from typing import Any
 import pytest
 
 from stockade import protocol
+from stockade.limits import Limits
 from stockade.repl import cells
 from stockade.result import Result, Status
 from stockade.runner.config import RunnerConfig, SessionPolicy
 from stockade.runner.front import schema
 from stockade.runner.front.api import retire_reason
 from stockade.runner.front.schema import ApiError
+from stockade.runner.front.session_channel import SessionChannel
 from stockade.runner.front.sessions import Session, Sessions, this_node
 from stockade.runner.local import RunnerProcess
 from stockade.sandbox import session_driver
@@ -116,6 +119,18 @@ def test_frames_are_whole_single_and_capped() -> None:
         protocol.FrameReader(100).feed(body + body)
     with pytest.raises(protocol.ProtocolError):
         protocol.decode_session_answer(b"\x81\xa1x\x01")
+
+
+def test_a_session_that_died_with_our_request_unread_is_an_end_not_an_error() -> None:
+    """Its socket is reset, not closed: the front reads that as the channel's end (the
+    zygote's report says how the session ended), never as stockade failing."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    channel = SessionChannel(ours, Limits(), Caps())
+    channel.control = ours
+    ours.sendall(protocol.frame(protocol.Cell("1")))
+    theirs.close()  # with our cell unread
+    assert channel._recv_control() == b""
+    ours.close()
 
 
 # -- terms and the table -----------------------------------------------------------------------

@@ -170,6 +170,13 @@ class SessionChannel:
                                          client.Capture(0), time.monotonic()))
         return answer
 
+    def abandon(self) -> None:
+        """Close this side without a word to the zygote (after a failure of stockade's
+        own: the container is replaced, not asked)."""
+        if self.ended is None:
+            self.ended = client.internal_error("the session's channel failed")
+        self._release()
+
     def cancel_soon(self) -> None:
         """From another thread, while a call is in progress: end the session; the call
         returns with how it ended."""
@@ -273,7 +280,7 @@ class SessionChannel:
                             self._cancel("output_limit")
                             cancelled, deadline = True, time.monotonic() + END_GRACE_S
                         continue
-                    chunk = self.control.recv(65536)
+                    chunk = self._recv_control()
                     if not chunk:
                         sel.unregister(self.control)  # closed: its report is coming
                         continue
@@ -283,6 +290,15 @@ class SessionChannel:
                             return protocol.decode_session_answer(body)
                     except protocol.ProtocolError as exc:
                         return self._broken(str(exc))
+
+    def _recv_control(self) -> bytes:
+        """The session's next bytes; none once its end is gone (closed, or reset: it died
+        with a request of ours unread). Its report says how it ended."""
+        assert self.control is not None
+        try:
+            return self.control.recv(65536)
+        except OSError:
+            return b""
 
     def _cancel(self, reason: str) -> None:
         with contextlib.suppress(OSError):
@@ -316,6 +332,10 @@ class SessionChannel:
                 message=f"the session's program broke its channel to stockade: {self.broken}")
         if self.ended is None:
             self.ended = result
+        self._release()
+        return result
+
+    def _release(self) -> None:
         if self.control is not None:
             self.control.close()
             self.control = None
@@ -323,7 +343,6 @@ class SessionChannel:
             if fd >= 0:
                 os.close(fd)
         self.out_r = self.err_r = -1
-        return result
 
 
 def _take(sel: selectors.BaseSelector, fd: int, capture: client.Capture,

@@ -263,6 +263,9 @@ class Sessions:
                 if session.ending is None:  # it was gone before this call began
                     raise self._lost(session, exc.result) from None
                 done = CallResult(exc.result, ended=True)  # the front ended it first
+            except Exception:
+                self._failed(session)
+                raise
             session.calls += 1
         if done.ended:
             if session.ending is not None:  # the front ended it (cancelled the call)
@@ -284,6 +287,18 @@ class Sessions:
                 return await self._in_thread(session.channel.file, request)
             except SessionEnded as exc:
                 raise self._lost(session, exc.result) from None
+            except Exception:
+                self._failed(session)
+                raise
+
+    def _failed(self, session: Session) -> None:
+        """stockade itself failed on the session's channel (the request that saw it is a
+        logged 500): the session is lost and its container replaced, never reused."""
+        session.channel.abandon()
+        self._forget(session, "its container failed (not the program's fault); start a "
+                     "new session")
+        assert session.channel.ended is not None
+        self._ended(session, session.channel.ended, "failed")
 
     def _lost(self, session: Session, result: Result) -> ApiError:
         """A session that ended by itself: out of the table, remembered with why. Returns
