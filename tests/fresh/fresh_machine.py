@@ -193,10 +193,11 @@ def remove_container() -> None:
         return
     sh("lxc-stop", "-P", str(LXC_PATH), "-n", NAME, "--kill", check=False, timeout=120)
     sh("lxc-destroy", "-P", str(LXC_PATH), "-n", NAME, "--force", check=False, timeout=300)
-    # The container's nested cgroups and the empty lxc.monitor one LXC leaves behind.
+    # The container's nested cgroups, the empty lxc.monitor one LXC leaves behind, and the
+    # empty lxc.pivot one lxc-stop leaves in every v1 hierarchy (removed only if empty).
     hierarchies = [Path("/sys/fs/cgroup"), *Path("/sys/fs/cgroup").iterdir()]
     for hierarchy in hierarchies:
-        for name in (f"lxc.payload.{NAME}", f"lxc.monitor.{NAME}"):
+        for name in (f"lxc.payload.{NAME}", f"lxc.monitor.{NAME}", "lxc.pivot"):
             top = hierarchy / name
             if not top.is_dir():
                 continue
