@@ -16,6 +16,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from stockade import protocol
 from stockade.limits import Limits
@@ -127,18 +128,34 @@ def run(sock: socket.socket, job: Job, limits: Limits,
     streams = {out_r: Capture(cap, "stdout"), err_r: Capture(cap, "stderr")}
     outcome = _collect(sock, streams, limits, sink)
     files, files_truncated = _output_files(outbox, outputs)
-    stdout, stderr = streams[out_r], streams[err_r]
+    return record(outcome, limits, streams[out_r], streams[err_r], files=files,
+                  files_truncated=files_truncated)
+
+
+def record(outcome: Outcome, limits: Limits, stdout: Capture, stderr: Capture,
+           **fields: Any) -> Result:
+    """The result record of what the zygote observed and the streams kept, judged against
+    the limits; `fields` add to it or replace what the outcome says (a wall time)."""
     status, message = judge(outcome, limits, stdout.over or stderr.over)
-    return Result(
-        status=status,
-        exit_code=outcome.exit_code,
-        signal=signal_name(outcome.signal) if outcome.signal is not None else None,
-        stdout=stdout.text(), stderr=stderr.text(),
-        stdout_truncated=stdout.over, stderr_truncated=stderr.over,
-        cpu_time_s=outcome.cpu_time_s, wall_time_s=outcome.wall_time_s,
-        memory_peak_kib=outcome.memory_peak_kib, message=message,
-        files=files, files_truncated=files_truncated,
-    )
+    return Result(**{
+        "status": status, "exit_code": outcome.exit_code,
+        "signal": signal_name(outcome.signal) if outcome.signal is not None else None,
+        "stdout": stdout.text(), "stderr": stderr.text(),
+        "stdout_truncated": stdout.over, "stderr_truncated": stderr.over,
+        "cpu_time_s": outcome.cpu_time_s, "wall_time_s": outcome.wall_time_s,
+        "memory_peak_kib": outcome.memory_peak_kib, "message": message, **fields})
+
+
+def read_stream(fd: int, capture: Capture, sink: OutputSink | None) -> bool:
+    """One read of a stream into its capture, the kept part also to `sink`; False at its
+    end. Raises BlockingIOError when nothing is there."""
+    chunk = os.read(fd, READ_CHUNK)
+    if not chunk:
+        return False
+    kept = capture.feed(chunk)
+    if sink is not None and kept:
+        sink(capture.name, kept)
+    return True
 
 
 def _output_files(outbox: int, caps: OutputCaps) -> tuple[list[OutFile], bool]:
@@ -190,13 +207,9 @@ def _collect(sock: socket.socket, streams: dict[int, Capture], limits: Limits,
                             deadline = time.monotonic() + EOF_GRACE_S
                         continue
                     capture = streams[key.fd]
-                    chunk = os.read(key.fd, READ_CHUNK)
-                    if not chunk:
+                    if not read_stream(key.fd, capture, sink):
                         sel.unregister(key.fd)
                         continue
-                    kept = capture.feed(chunk)
-                    if sink is not None and kept:
-                        sink(capture.name, kept)
                     if capture.over and not cancelled and outcome is None:
                         cancelled = True
                         with contextlib.suppress(OSError):

@@ -21,7 +21,7 @@ import msgspec
 
 from stockade import protocol
 from stockade.limits import Limits
-from stockade.result import Outcome, Result, Status, judge, signal_name
+from stockade.result import Outcome, Result, Status
 from stockade.sandbox import client
 from stockade.sandbox.session_driver import BOOT, Caps
 
@@ -45,17 +45,6 @@ class CallResult:
     outputs: list[protocol.RichOutput] = field(default_factory=list)
     outputs_truncated: bool = False
     ended: bool = False  # the call ended the session
-
-
-def _record(outcome: Outcome, limits: Limits, out: client.Capture, err: client.Capture,
-            wall: float) -> Result:
-    status, message = judge(outcome, limits, out.over or err.over)
-    return Result(status=status, exit_code=outcome.exit_code,
-                  signal=signal_name(outcome.signal) if outcome.signal is not None else None,
-                  stdout=out.text(), stderr=err.text(), stdout_truncated=out.over,
-                  stderr_truncated=err.over, cpu_time_s=outcome.cpu_time_s,
-                  wall_time_s=round(wall, 6), memory_peak_kib=outcome.memory_peak_kib,
-                  message=message)
 
 
 class SessionChannel:
@@ -316,13 +305,14 @@ class SessionChannel:
         """What the cell wrote before it answered is in the pipes already: take it."""
         for fd, capture in streams.items():
             with contextlib.suppress(BlockingIOError):
-                while _read(fd, capture, sink):
+                while client.read_stream(fd, capture, sink):
                     pass
 
     def _end(self, outcome: Outcome, limits: Limits, out: client.Capture,
              err: client.Capture, started: float) -> Result:
         """The session is over: its record, its descriptors closed."""
-        result = _record(outcome, limits, out, err, time.monotonic() - started)
+        result = client.record(outcome, limits, out, err,
+                               wall_time_s=round(time.monotonic() - started, 6))
         if self.total_spent and result.status == Status.TIME_LIMIT:
             result = msgspec.structs.replace(result, message=(
                 f"the session's total CPU time of {self.terms.cpu_total_s:g} s is spent"))
@@ -349,20 +339,8 @@ def _take(sel: selectors.BaseSelector, fd: int, capture: client.Capture,
           sink: client.OutputSink | None) -> bool:
     """Read a ready stream (unwatched at its end); True if it is now over its cap."""
     try:
-        if not _read(fd, capture, sink):
+        if not client.read_stream(fd, capture, sink):
             sel.unregister(fd)
     except BlockingIOError:
         return False
     return capture.over
-
-
-def _read(fd: int, capture: client.Capture, sink: client.OutputSink | None) -> bool:
-    """One read of a stream into its capture (and the sink); False at its end. Raises
-    BlockingIOError when nothing is there."""
-    chunk = os.read(fd, client.READ_CHUNK)
-    if not chunk:
-        return False
-    kept = capture.feed(chunk)
-    if sink is not None and kept:
-        sink(capture.name, kept)
-    return True
