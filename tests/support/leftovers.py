@@ -15,7 +15,8 @@ from support.sandbox import Sandbox
 
 
 def runner_leftovers(config: RunnerConfig) -> list[str]:
-    """Containers, sockets, cgroups and processes of a runner's pool that still exist."""
+    """Containers, sockets, cgroups, mounts and processes of a runner's pool that still
+    exist."""
     found = [f"container {name}" for name in Containers(config).existing()]
     pool_dir = config.pool_socket_dir
     if pool_dir.is_dir():
@@ -29,6 +30,10 @@ def runner_leftovers(config: RunnerConfig) -> list[str]:
             found += [f"cgroup {p}" for p in parent.glob(f"lxc.*.{prefix}*")]
             found += [f"cgroup {p}" for p in (parent / pool, parent / f"{pool}.monitor")
                       if p.is_dir()]
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4]
+        if point.startswith(f"{config.lxc_path}/{prefix}"):
+            found.append(f"mount {point}")
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             cgroups = (proc / "cgroup").read_text()

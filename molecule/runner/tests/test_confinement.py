@@ -201,3 +201,15 @@ def test_container_root_cannot_read_lxcs_unobstructed_proc(
         pytest.skip("LXC mounted /dev/.lxc/proc, and this kernel enforces no AppArmor (a "
                     "container on a host without it); `make image-test` checks a VM that does")
     assert container_root["lxc_proc"] == "EACCES", container_root
+
+
+def test_a_runs_mount_table_names_no_host_path(caller: Caller) -> None:
+    """The container's overlay is mounted with its layers named by descriptor: no mount a
+    run sees names where anything is on the host."""
+    out = post_run(caller, "import json; print(json.dumps([line.split(' - ', 1)[1].split()"
+                           "[1:] for line in open('/proc/self/mountinfo')]))")
+    assert out["status"] == "ok", out
+    mounts = json.loads(out["stdout"])
+    assert [options for source, options in mounts if source == "stockade"], mounts
+    for source, options in mounts:
+        assert "/var/lib" not in f"{source} {options}", (source, options)

@@ -28,6 +28,7 @@ from stockade.runner.manager.lxc_cgroups import (
     remove_lxc_cgroups,
     return_home,
 )
+from stockade.sandbox import libc
 from stockade.sandbox.config import DEFAULT_PRELOAD, SandboxConfig
 
 READY_TIMEOUT_S = 60.0
@@ -150,8 +151,10 @@ class Containers:
                                    flags=lxc.LXC_CLONE_SNAPSHOT, bdevtype="overlayfs")
             if not container:
                 raise ContainerError(f"cannot clone {image} into {name}")
+            rootfs = self._mount_root(name, container.get_config_item("lxc.rootfs.path"))
             mount_point = layout.CONTAINER_DIR.lstrip("/")
-            items = [("lxc.mount.entry", f"{directory} {mount_point} none bind,create=dir 0 0"),
+            items = [("lxc.rootfs.path", str(rootfs)),  # a directory (LXC refuses "dir:")
+                     ("lxc.mount.entry", f"{directory} {mount_point} none bind,create=dir 0 0"),
                      ("lxc.uts.name", layout.HOSTNAME),
                      ("lxc.console.logfile", str(layout.console_log(self.config, name))),
                      *lxc_cgroup_items(self.config.container_prefix, name),
@@ -165,13 +168,49 @@ class Containers:
                 if not add(key, value):
                     raise ContainerError(f"LXC refused {key} = {value}")
             container.save_config()
-            started = container.start()
+            # Read back: the clone's object still holds its overlay storage type.
+            started = lxc.Container(name, self.lxc_path).start()
             return_home(self.home)
             if not started:
                 raise ContainerError(f"container {name} did not start")
         except BaseException:
             self.destroy(name)
             raise
+
+    def _rootfs(self, name: str) -> Path:
+        return Path(self.lxc_path) / name / "rootfs"
+
+    def _mount_root(self, name: str, clone_rootfs: str) -> Path:
+        """Mount the clone's overlay (`[overlay:]LOWER:UPPER`, as LXC made it) ourselves,
+        its layers named by descriptor (`/proc/self/fd/N`): the overlay's options are all a
+        mount table shows of it, and a run sees /usr's, so no host path shows there."""
+        layers = clone_rootfs.removeprefix("overlayfs:").removeprefix("overlay:").split(":")
+        if len(layers) != 2 or not all(layer.startswith("/") for layer in layers):
+            raise ContainerError(f"{name}'s clone is not an overlay: {clone_rootfs}")
+        lower, upper = layers
+        work = Path(upper).parent / "work"
+        work.mkdir(mode=0o700, exist_ok=True)
+        rootfs = self._rootfs(name)
+        rootfs.mkdir(mode=0o755, exist_ok=True)
+        flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        fds = [os.open(path, flags) for path in (lower, upper, work)]
+        try:
+            named = zip(("lowerdir", "upperdir", "workdir"), fds, strict=True)
+            libc.mount("stockade", str(rootfs), "overlay", 0,
+                       ",".join(f"{key}=/proc/self/fd/{fd}" for key, fd in named))
+        except OSError as exc:
+            raise ContainerError(f"cannot mount {name}'s root: {exc}") from None
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return rootfs
+
+    def _unmount_root(self, name: str) -> None:
+        rootfs = self._rootfs(name)
+        if rootfs.is_dir() and os.path.ismount(rootfs):
+            libc.umount2(str(rootfs), libc.MNT_DETACH)
+        if rootfs.is_dir() and os.path.ismount(rootfs):
+            raise ContainerError(f"{rootfs} is still mounted")
 
     def _console_tail(self, name: str) -> str:
         try:
@@ -214,6 +253,7 @@ class Containers:
                 time.sleep(0.005)
             if container.running:
                 container.stop()
+        self._unmount_root(name)  # before LXC removes the rootfs directory
         if container.defined and not container.destroy():
             raise ContainerError(f"cannot destroy container {name}")
         images.remove_tree(Path(self.lxc_path) / name)
