@@ -69,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--config", metavar="FILE", help=f"JSON config (default {DEFAULT_CONFIG})")
     sv.add_argument("--anonymous", action="store_true", help="serve callers without an API "
                     "key too (the config's `anonymous` quota, or the default one)")
+    sv.add_argument("--external-front", action="store_true", help="do not fork the HTTP "
+                    "front: wait for `stockade front` (its own systemd unit) at "
+                    "RUN_DIR/front.sock")
+    fr = sub.add_parser("front", help="the HTTP front as a service of its own (the runner "
+                        "user, never root), for `stockade serve --external-front`")
+    fr.add_argument("--socket", default=None, metavar="PATH",
+                    help="the manager's socket (default /run/stockade/front.sock)")
+    fr.add_argument("--wait", type=float, default=120.0, metavar="SECONDS",
+                    help="how long to wait for the manager to listen (default 120)")
 
     rn = sub.add_parser("run", help="run FILE on a stockade runner over HTTP",
                         description="Options go before FILE; what follows FILE is the "
@@ -274,7 +283,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.anonymous and config.anonymous is None:
         config = msgspec.structs.replace(config, anonymous=keys.Quota())
     try:
-        return service.serve(config)
+        return service.serve(config, external_front=args.external_front)
+    except service.ServiceError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_front(args: argparse.Namespace) -> int:
+    from stockade.runner import service  # noqa: PLC0415 - needs the runner extra
+
+    if not 0 < args.wait <= 3600:
+        raise UsageError("--wait wants seconds within (0, 3600]")
+    try:
+        return service.front(args.socket or service.DEFAULT_FRONT_SOCKET, args.wait)
     except service.ServiceError as exc:
         raise UsageError(str(exc)) from None
 
@@ -457,9 +477,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"exec": cmd_exec, "serve": cmd_serve, "run": cmd_run, "images": cmd_images,
-            "nginx-config": cmd_nginx_config, "check-config": cmd_check_config,
-            "doctor": cmd_doctor, "keys": cmd_keys, "session": cmd_session}
+COMMANDS = {"exec": cmd_exec, "serve": cmd_serve, "front": cmd_front, "run": cmd_run,
+            "images": cmd_images, "nginx-config": cmd_nginx_config,
+            "check-config": cmd_check_config, "doctor": cmd_doctor, "keys": cmd_keys,
+            "session": cmd_session}
 
 
 def main(argv: list[str] | None = None) -> int:

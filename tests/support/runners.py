@@ -11,11 +11,12 @@ from support.leftovers import runner_leftovers
 
 
 @contextlib.contextmanager
-def own_runner(config: RunnerConfig, wait: bool = True) -> Iterator[RunnerProcess]:
+def own_runner(config: RunnerConfig, wait: bool = True,
+               *serve_args: str) -> Iterator[RunnerProcess]:
     """A started runner (ready, unless not `wait`); on the way out it is stopped (if still
     up) and must leave nothing."""
     process = RunnerProcess(config)
-    process.start(wait=wait)
+    process.start(wait, *serve_args)
     try:
         yield process
     finally:

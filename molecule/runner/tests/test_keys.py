@@ -52,7 +52,7 @@ def test_each_run_is_a_json_line_in_the_journal(host: testinfra.host.Host,
     name = api_key_name()
     deadline = time.monotonic() + 10
     while True:
-        lines = host.check_output("journalctl -u stockade-runner -o cat --no-pager -n 200")
+        lines = host.check_output("journalctl -u stockade-front -o cat --no-pager -n 200")
         events = [json.loads(line) for line in lines.splitlines() if line.startswith("{")]
         runs = [event for event in events if event["event"] == "run"]
         if any(run["key"] == name for run in runs) or time.monotonic() > deadline:

@@ -1,5 +1,7 @@
-"""The stockade-runner systemd unit: hardening properties hold in the running service, and
-the split holds (a root manager with no new privileges, a front with no capabilities)."""
+"""The runner's systemd units: hardening properties hold in the running services, and the
+split holds (stockade-runner: a root manager with no new privileges; stockade-front: the
+HTTP front as the runner user with no capabilities, no network of its own, and a
+`systemd-analyze security` exposure below 3)."""
 
 from __future__ import annotations
 
@@ -29,6 +31,23 @@ PROPERTIES = [
     ("OOMScoreAdjust", "-500"),
     ("ProtectProc", "invisible"),
 ]
+FRONT_PROPERTIES = [
+    ("Type", "notify"),
+    ("NotifyAccess", "main"),
+    ("User", "stockade"),
+    ("NoNewPrivileges", "yes"),
+    ("PrivateNetwork", "yes"),
+    ("RestrictAddressFamilies", "AF_UNIX"),
+    ("ProtectSystem", "strict"),
+    ("PrivateDevices", "yes"),
+    ("ProtectProc", "invisible"),
+    ("ProcSubset", "pid"),
+    ("RestrictNamespaces", "yes"),
+    ("MemoryDenyWriteExecute", "yes"),
+    ("SystemCallArchitectures", "native"),
+    ("MemoryMax", str(1 << 30)),
+    ("PartOf", "stockade-runner.service"),
+]
 # systemd lists these in no fixed order.
 ADDRESS_LISTS = [("IPAddressDeny", {"0.0.0.0/0", "::/0"}),
                  ("IPAddressAllow", {"127.0.0.0/8", "::1/128"})]
@@ -40,9 +59,47 @@ def show(host: testinfra.host.Host) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
+@pytest.fixture(scope="module")
+def front_show(host: testinfra.host.Host) -> dict[str, str]:
+    out = host.check_output("systemctl show stockade-front")
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
 def test_runner_is_active_and_enabled(host: testinfra.host.Host) -> None:
     runner = host.service("stockade-runner")
     assert runner.is_running and runner.is_enabled
+    assert host.service("stockade-front").is_running  # the manager's Wants= starts it
+
+
+@pytest.mark.parametrize(("name", "expected"), FRONT_PROPERTIES,
+                         ids=[p[0] for p in FRONT_PROPERTIES])
+def test_front_unit_property(front_show: dict[str, str], name: str, expected: str) -> None:
+    assert front_show[name] == expected
+
+
+def exposure(host: testinfra.host.Host, unit: str) -> float:
+    out = host.check_output(f"systemd-analyze security --no-pager {unit}")
+    last = out.strip().splitlines()[-1]  # "→ Overall exposure level for UNIT: 0.6 SAFE 😀"
+    return float(last.split(":", 1)[1].split()[0])
+
+
+def test_the_front_scores_below_3_in_systemd_analyze_security(
+        host: testinfra.host.Host) -> None:
+    front, manager = exposure(host, "stockade-front.service"), \
+        exposure(host, "stockade-runner.service")
+    print(f"systemd-analyze security: front {front}, manager {manager}")
+    assert front < 3.0, front
+
+
+def test_the_front_has_no_network_of_its_own(host: testinfra.host.Host,
+                                             front_show: dict[str, str]) -> None:
+    """Behaviour: another network namespace, holding loopback alone; it serves through the
+    listener the manager made in the host's namespace (the API tests go through it)."""
+    pid = front_show["MainPID"]
+    assert host.check_output(f"readlink /proc/{pid}/ns/net") != \
+        host.check_output("readlink /proc/1/ns/net")
+    devices = host.file(f"/proc/{pid}/net/dev").content_string.splitlines()[2:]
+    assert [line.split(":")[0].strip() for line in devices] == ["lo"]
 
 
 @pytest.mark.parametrize(("name", "expected"), PROPERTIES, ids=[p[0] for p in PROPERTIES])
@@ -91,13 +148,13 @@ def test_manager_runs_with_no_new_privs_and_seccomp(host: testinfra.host.Host,
     assert int(status["CapBnd"], 16) & (1 << 16) == 0  # CAP_SYS_MODULE
 
 
-def test_http_front_is_the_runner_user_without_capabilities(host: testinfra.host.Host,
-                                                           show: dict[str, str]) -> None:
-    children = host.check_output(f"pgrep --parent {show['MainPID']} --euid stockade")
-    (front,) = children.split()
-    status = process_status(host, front)
+def test_http_front_is_the_runner_user_without_capabilities(
+        host: testinfra.host.Host, front_show: dict[str, str]) -> None:
+    status = process_status(host, front_show["MainPID"])
     assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0
-    assert status["Uid"].split()[0] != "0"
+    assert int(status["CapBnd"], 16) == 0 and status["NoNewPrivs"] == "1"
+    assert status["Uid"].split()[0] == str(host.user("stockade").uid)
+    assert status["Seccomp"] == "2"
 
 
 def test_service_cannot_write_outside_its_paths(host: testinfra.host.Host,

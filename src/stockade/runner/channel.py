@@ -3,7 +3,9 @@ messages and their framing, nothing else.
 
 The manager hands each container it starts to the front (`Ready`); the front leases them to
 runs itself, with no round trip, and hands back only the ones a run left dirty
-(`Recycle`). One line of typed JSON per message, capped in size, over a socketpair. The
+(`Recycle`). One line of typed JSON per message, capped in size, over a Unix socket: a
+socketpair when the manager forks the front, or the manager's `front.sock` when the front
+is a service of its own, which then first gets a `Hello` and the listening socket. The
 front can never name a container the manager did not hand it: such a Recycle is ignored.
 If the front goes away, the manager destroys everything it had handed over.
 """
@@ -15,7 +17,19 @@ from typing import Annotated
 
 import msgspec
 
+from stockade.runner.config import RunnerConfig
+
 MAX_LINE = 4096
+MAX_HELLO = 65536
+
+
+class Hello(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="hello"):
+    """Manager to a front that connected to it, once, with the listening socket attached:
+    the configuration the manager serves (so the two never disagree) and the image's
+    Python version."""
+
+    python: str
+    config: RunnerConfig
 
 
 class Ready(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="ready"):
@@ -51,6 +65,7 @@ class PoolStats(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="po
 FrontMessage = Recycle | StatsRequest
 ManagerMessage = Ready | PoolStats
 _front_decoder = msgspec.json.Decoder(FrontMessage)
+_hello_decoder = msgspec.json.Decoder(Hello)
 _manager_decoder = msgspec.json.Decoder(ManagerMessage)
 
 
@@ -79,6 +94,13 @@ async def read_front(reader: asyncio.StreamReader) -> FrontMessage:
 async def read_manager(reader: asyncio.StreamReader) -> ManagerMessage:
     """What the front reads: a message from the manager."""
     return await _read(reader, _manager_decoder)  # type: ignore[return-value]
+
+
+def decode_hello(line: bytes) -> Hello:
+    try:
+        return _hello_decoder.decode(line)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ChannelError(f"invalid hello: {exc}") from None
 
 
 def write(writer: asyncio.StreamWriter, message: msgspec.Struct) -> None:

@@ -138,10 +138,11 @@ class RunnerProcess(Client):
         self.log_path = Path(self.dir.name) / "runner.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, wait: bool = True) -> None:
+    def start(self, wait: bool = True, *serve_args: str) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "stockade", "serve", "--config", str(self.config_path)],
+                [sys.executable, "-m", "stockade", "serve", "--config", str(self.config_path),
+                 *serve_args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         if wait:
             self.wait_ready()

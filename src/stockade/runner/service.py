@@ -5,6 +5,12 @@ starting and destroying LXC containers, removing their cgroups, binding the list
 socket (so any port works). The front (HTTP, validation, talking to zygotes) runs as the
 runner user with no capabilities; it reaches the pool only through a typed channel.
 
+The manager forks the front (`stockade serve`), or, under systemd, the front is a unit of
+its own that scores as an unprivileged service (`stockade serve --external-front` waits at
+`<run_dir>/front.sock` for `stockade front`, which runs as the runner user from the start;
+each side checks the other's uid, and the manager hands over the configuration and the
+listening socket).
+
 Shutdown (SIGTERM/SIGINT to the manager): the front stops accepting, drains in-flight runs,
 exits; then the manager destroys the pool. If either side dies, the other follows, and the
 next start reconciles whatever was left.
@@ -20,13 +26,15 @@ import os
 import pwd
 import signal
 import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
 
+import msgspec
 from aiohttp import web
 
-from stockade.runner import keys, logs
+from stockade.runner import channel, keys, logs
 from stockade.runner.config import RunnerConfig, host_memory_mib, kinds, pool_memory_cap_mib
 from stockade.runner.front.api import Api, Runs
 from stockade.runner.front.metrics import Metrics
@@ -156,7 +164,11 @@ def notify_systemd(state: str) -> None:
             log.warning(f"cannot notify systemd ({state!r}): {exc.strerror}")
 
 
-def serve(config: RunnerConfig) -> int:
+FRONT_SOCKET = "front.sock"
+DEFAULT_FRONT_SOCKET = str(Path(RunnerConfig().run_dir) / FRONT_SOCKET)
+
+
+def serve(config: RunnerConfig, external_front: bool = False) -> int:
     logs.setup()
     if os.geteuid() != 0:
         raise ServiceError("serve needs root: it manages LXC containers and their cgroups "
@@ -166,6 +178,9 @@ def serve(config: RunnerConfig) -> int:
         containers, user = prepare_host(config)
         listener = listen(config)
         python = (images.read_stamp(config) or images.Stamp("", 0, "unknown", [])).python
+        if external_front:
+            return asyncio.run(serve_external_front(config, containers, user, listener,
+                                                    python))
         pages = Pages()  # read as root: the checkout may be where the runner user cannot read
         manager_end, front_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         manager_pid = os.getpid()
@@ -187,7 +202,8 @@ def serve(config: RunnerConfig) -> int:
         front_end.close()
         listener.close()
         containers.keep_children.add(front_pid)
-        return asyncio.run(manager_main(config, containers, manager_end, front_pid))
+        return asyncio.run(manager_main(config, containers, manager_end, front_pid,
+                                        child=True))
     finally:
         if front_pid:
             with contextlib.suppress(ProcessLookupError):
@@ -212,13 +228,79 @@ def release_host(config: RunnerConfig) -> None:
             directory.rmdir()
 
 
-async def manager_main(config: RunnerConfig, containers: Containers, channel: socket.socket,
-                       front_pid: int) -> int:
-    reader, writer = await asyncio.open_unix_connection(sock=channel)
+async def serve_external_front(config: RunnerConfig, containers: Containers,
+                               user: pwd.struct_passwd, listener: socket.socket,
+                               python: str) -> int:
+    """Wait for `stockade front` (its own unit, the runner user), hand it the listener,
+    then manage the pool for it as for a forked front. A stop before it comes is a stop."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    hello = channel.Hello(python=python, config=config)
+    accepting = asyncio.create_task(accept_front(config, user, listener, hello))
+    stopped = asyncio.create_task(stopping.wait())
+    await asyncio.wait([accepting, stopped], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(signum)
+    listener.close()
+    if stopping.is_set():
+        accepting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            conn, _ = await accepting
+            conn.close()
+        log.info("stopped before a front connected")
+        return 0
+    conn, front_pid = accepting.result()
+    return await manager_main(config, containers, conn, front_pid, child=False)
+
+
+async def accept_front(config: RunnerConfig, user: pwd.struct_passwd,
+                       listener: socket.socket, hello: channel.Hello) -> tuple[socket.socket, int]:
+    """The first connection to `<run_dir>/front.sock` from the runner user; anyone else's
+    is refused. It gets the Hello, with the listening socket attached."""
+    path = Path(config.run_dir) / FRONT_SOCKET
+    path.unlink(missing_ok=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        server.bind(str(path))
+        os.chown(path, 0, user.pw_gid)
+        os.chmod(path, 0o660)
+        server.listen(4)
+        server.setblocking(False)
+        log.info(f"waiting for the front (`stockade front`) at {path}")
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(server)
+            pid, uid, _ = struct.unpack("3i", conn.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            if uid != user.pw_uid:
+                log.warning(f"refused a front from uid {uid} (pid {pid}): the front runs "
+                            f"as {user.pw_name}")
+                conn.close()
+                continue
+            conn.setblocking(True)
+            socket.send_fds(conn, [msgspec.json.encode(hello) + b"\n"], [listener.fileno()])
+            log.info(f"the front (pid {pid}) connected")
+            return conn, pid
+    finally:
+        server.close()
+        path.unlink(missing_ok=True)
+
+
+async def manager_main(config: RunnerConfig, containers: Containers, conn: socket.socket,
+                       front_pid: int, child: bool) -> int:
+    """Manage the pool for the front at the other end of `conn` until it is gone;
+    `child`: the front is this process's child (else a unit of its own)."""
+    reader, writer = await asyncio.open_unix_connection(sock=conn)
     pool = Manager(config, containers, writer)
     loop = asyncio.get_running_loop()
+    stopping = False
 
     def stop(signum: int) -> None:
+        nonlocal stopping
+        stopping = True
         log.info(f"{signal.Signals(signum).name}: draining")
         notify_systemd("STOPPING=1")
         with contextlib.suppress(ProcessLookupError):
@@ -246,6 +328,9 @@ async def manager_main(config: RunnerConfig, containers: Containers, channel: so
             await filling
         await pool.close()
         writer.close()
+    if not child:  # its own unit: systemd restarts a failed front, and a failed manager
+        log.info("stopped" if stopping else "the front went away; stopping")
+        return 0 if stopping else 1
     code = await _front_exit_code(front_pid, config.drain_timeout_s + 10.0)
     log.info(f"stopped (front exit status {code})")
     return 0 if code == 0 else 1
@@ -266,9 +351,81 @@ async def _front_exit_code(pid: int, timeout_s: float) -> int:
         await asyncio.sleep(0.05)
 
 
-async def front_main(config: RunnerConfig, channel: socket.socket, listener: socket.socket,
-                     python: str, pages: Pages) -> int:
-    reader, writer = await asyncio.open_unix_connection(sock=channel)
+def front(socket_path: str, connect_timeout_s: float) -> int:
+    """`stockade front`: the HTTP front as a service of its own, started as the runner
+    user (never root), for a manager that runs `serve --external-front`."""
+    logs.setup()
+    if os.geteuid() == 0:
+        raise ServiceError("the front runs as the runner's user, never as root: start it "
+                           "as that user (its systemd unit does), or let `stockade serve` "
+                           "fork it")
+    conn = connect_manager(socket_path, connect_timeout_s)
+    hello, listener = receive_hello(conn)
+    confine.set_no_new_privs()
+    return asyncio.run(front_main(hello.config, conn, listener, hello.python, Pages(),
+                                  own_unit=True))
+
+
+def connect_manager(path: str, timeout_s: float) -> socket.socket:
+    """The manager's socket, once it listens, and only if root holds the other end."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            conn.connect(path)
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            conn.close()
+            if time.monotonic() > deadline:
+                raise ServiceError(f"no pool manager listens at {path} after {timeout_s:.0f} "
+                                   "s: start it (`stockade serve --external-front`, the "
+                                   "stockade-runner unit)") from None
+            time.sleep(0.2)
+        except OSError as exc:
+            conn.close()
+            raise ServiceError(f"cannot connect to the pool manager at {path}: "
+                               f"{exc.strerror}") from None
+    _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                    struct.calcsize("3i")))
+    if uid != 0:
+        conn.close()
+        raise ServiceError(f"{path} is served by uid {uid}, not root: not a stockade pool "
+                           "manager; refusing it")
+    return conn
+
+
+def receive_hello(conn: socket.socket) -> tuple[channel.Hello, socket.socket]:
+    """The manager's Hello line and the listening socket it carries."""
+    data, fds, _, _ = socket.recv_fds(conn, channel.MAX_HELLO, 4)
+    listeners = [socket.socket(fileno=fd) for fd in fds]
+    try:
+        while data and not data.endswith(b"\n") and len(data) < channel.MAX_HELLO:
+            more = conn.recv(channel.MAX_HELLO - len(data))
+            if not more:
+                break
+            data += more
+        if len(listeners) != 1:
+            raise ServiceError(f"the pool manager sent {len(listeners)} sockets, not its "
+                               "listener")
+        listener = listeners[0]
+        if listener.type != socket.SOCK_STREAM or not listener.getsockopt(
+                socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ServiceError("what the pool manager sent is not a listening socket")
+        try:
+            return channel.decode_hello(data), listener
+        except channel.ChannelError as exc:
+            raise ServiceError(f"the pool manager's hello: {exc}") from None
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+
+
+async def front_main(config: RunnerConfig, conn: socket.socket, listener: socket.socket,
+                     python: str, pages: Pages, *, own_unit: bool = False) -> int:
+    """Serve HTTP until told to stop or the manager goes; `own_unit`: this process is its
+    systemd unit's main process (it tells systemd when it serves)."""
+    reader, writer = await asyncio.open_unix_connection(sock=conn)
     pool = PoolClient(reader, writer, [kind.name for kind in kinds(config)])
     ring = KeyRing(Path(config.keys_file))
     runs = Runs(config, pool, Metrics(python))
@@ -292,6 +449,8 @@ async def front_main(config: RunnerConfig, channel: socket.socket, listener: soc
     elif not ring.by_id:
         logs.event(log, "no_keys", f"no API keys in {config.keys_file}: every run gets 401 "
                    "until `stockade keys add NAME` makes one", level=logging.WARNING)
+    if own_unit:
+        notify_systemd(f"READY=1\nSTATUS=serving on {config.host}:{config.port}")
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
