@@ -38,7 +38,7 @@ def test_a_freed_container_goes_to_the_next_caller_in_turn() -> None:
         other = asyncio.create_task(wait("b"))
         await asyncio.sleep(0)
         for n in range(3):
-            pool.release(Lease(f"c{n}", "lean", "/nonexistent"))  # one container frees
+            pool.release(Lease(f"c{n}", "lean", "/nonexistent", 100000))  # one container frees
             await asyncio.sleep(0)
         for task in [*flood, other]:
             task.cancel()

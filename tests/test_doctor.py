@@ -87,17 +87,22 @@ def test_cgroups(tmp_path: Path, mountinfo: str, controllers: str, ok: bool,
 
 
 def test_subordinate_ids(tmp_path: Path) -> None:
-    config = RunnerConfig()
+    config = RunnerConfig(pool_size=2, lean_pool_size=2, idmap_ranges=8)  # 8 x 65536 ids
+    span = "100000-624287"
     assert doctor.check_subids(config, tmp_path).ok  # none yet: serve adds them
     for name in ("subuid", "subgid"):
-        (tmp_path / name).write_text("root:100000:65536\n")
-    assert "root has 100000-165535" in doctor.check_subids(config, tmp_path).detail
-    (tmp_path / "subgid").write_text("alice:120000:65536\n")
+        (tmp_path / name).write_text("root:100000:65536\n")  # one range: not enough
+    check = doctor.check_subids(config, tmp_path)
+    assert check.ok and f"root has no {span} range yet" in check.detail
+    for name in ("subuid", "subgid"):
+        (tmp_path / name).write_text("root:100000:67108864\n")  # the lxc_host role's span
+    assert f"root has {span}" in doctor.check_subids(config, tmp_path).detail
+    (tmp_path / "subgid").write_text("alice:520000:65536\n")
     check = doctor.check_subids(config, tmp_path)
     assert not check.ok and "alice" in check.detail
     (tmp_path / "subuid").unlink()  # root has no range yet, and another user overlaps
     check = doctor.check_subids(config, tmp_path)
-    assert not check.ok and "/etc/subgid gives 100000-165535 to alice" in check.detail
+    assert not check.ok and f"/etc/subgid gives {span} to alice" in check.detail
 
 
 def test_apparmor(tmp_path: Path) -> None:

@@ -176,3 +176,36 @@ def test_runner_imports_its_image_from_the_archive_dir_at_start(archive: Path,
         runner.stop()
         runner.close()
     assert runner_leftovers(config) == []
+
+
+def test_remove_tree_never_removes_through_a_mount(tmp_path: Path) -> None:
+    """A bind mount of the same filesystem looks like a plain directory to
+    os.path.ismount; a container's view of the image is one, and must never be emptied."""
+    precious = tmp_path / "image"
+    precious.mkdir()
+    (precious / "usr").write_text("keep")
+    top = tmp_path / "container"
+    (top / "view").mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(precious), str(top / "view")], check=True)
+    try:
+        assert not os.path.ismount(top / "view")  # what made this guard necessary
+        assert images.mounts_under(top) == [str(top / "view")]
+        with pytest.raises(images.ImageError, match="is mounted there"):
+            images.remove_tree(top)
+        assert (precious / "usr").read_text() == "keep"
+    finally:
+        subprocess.run(["umount", str(top / "view")], check=True)
+    images.remove_tree(top)
+    assert not top.exists() and (precious / "usr").read_text() == "keep"
+
+
+def test_prune_keeps_an_image_a_container_was_cloned_from(tmp_path: Path) -> None:
+    config = RunnerConfig(lxc_path=str(tmp_path))
+    for old in ("stockade-sandbox-0000000000aa", "stockade-sandbox-0000000000bb"):
+        (tmp_path / old).mkdir()
+        (tmp_path / old / images.STAMP).write_text("{}")
+    clone = tmp_path / "stockade-pool-full-00001"
+    clone.mkdir()
+    (clone / "lxc_rdepends").write_text(f"{tmp_path}\nstockade-sandbox-0000000000aa\n")
+    assert images.prune(config) == ["stockade-sandbox-0000000000bb"]
+    assert (tmp_path / "stockade-sandbox-0000000000aa").is_dir()

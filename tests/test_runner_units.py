@@ -47,6 +47,9 @@ def test_without_a_lean_pool_everything_goes_to_the_full_one() -> None:
     ({"port": 70000}, "port must be below"),
     ({"lean_pool_size": -1}, "lean_pool_size and queue_limit must be 0 or more"),
     ({"idmap_size": 1000}, "idmap_size must be at least"),
+    ({"idmap_ranges": 4}, "idmap_ranges must exceed the containers"),
+    ({"idmap_base": 1 << 30, "idmap_ranges": 40000}, "at most 4096"),
+    ({"idmap_base": (1 << 31) - 65536}, r"must stay below 2\^31"),
     ({"pool_size": 1000}, "pool sizes are capped"),
 ])
 def test_config_refuses_what_cannot_work(bad: dict[str, int], message: str) -> None:
@@ -215,8 +218,8 @@ def test_a_container_retires_on_evidence_or_age_never_for_a_failed_program(
         status: str, runs: int, age_s: float, reason: str | None) -> None:
     config = RunnerConfig(pool_size=1, lean_pool_size=0, recycle_after_runs=5,
                           recycle_after_s=60)
-    lease = Lease("c", FULL, "/nowhere", connection=socket.socket(socket.AF_UNIX), runs=runs,
-                  since=time.monotonic() - age_s)
+    lease = Lease("c", FULL, "/nowhere", 100000, connection=socket.socket(socket.AF_UNIX),
+                  runs=runs, since=time.monotonic() - age_s)
     try:
         assert retire_reason(config, lease, Result(status=Status(status))) == reason
         assert retire_reason(config, lease, None) == "internal_error"  # no result at all

@@ -24,7 +24,8 @@ from stockade.runner.local import Answer, Client, RunnerProcess, request
 from support.battery import BATTERY, Context, Probe, stdout_json
 from support.sse import stream
 
-RUN_UID_ON_HOST = 100000 + 61000  # the runs' uid, as the host sees it (the idmap's base)
+# The runs' uid, as the host sees it: 61000 in every container's range of 65536 from 100000.
+RUN_UIDS_ON_HOST = ",".join(str(100000 + 61000 + 65536 * k) for k in range(64))
 
 
 class Sessions:
@@ -334,7 +335,7 @@ def test_runs_are_served_while_every_session_container_is_taken(
 def _host_processes_of_runs() -> list[str]:
     """Processes of the runs' uid but the runs each zygote prepares ahead (forks of it,
     confined and waiting for a request)."""
-    found = subprocess.run(["pgrep", "-a", "-u", str(RUN_UID_ON_HOST)], capture_output=True,
+    found = subprocess.run(["pgrep", "-a", "-u", RUN_UIDS_ON_HOST], capture_output=True,
                            text=True, check=False)
     return [line for line in found.stdout.splitlines()
             if "-m stockade.sandbox.zygote" not in line]

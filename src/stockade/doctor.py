@@ -108,7 +108,7 @@ def check_overlayfs(filesystems: Path = Path("/proc/filesystems")) -> Check:
 
 
 def _subid_owner(path: Path, base: int, size: int) -> tuple[bool, str]:
-    """(root has exactly the range, or the user whose range overlaps it)."""
+    """(a range of root's covers it, or the user whose range overlaps it)."""
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
@@ -118,7 +118,7 @@ def _subid_owner(path: Path, base: int, size: int) -> tuple[bool, str]:
         if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
             continue
         user, start, count = parts[0], int(parts[1]), int(parts[2])
-        if user in ("root", "0") and start == base and count == size:
+        if user in ("root", "0") and start <= base and base + size <= start + count:
             return True, ""
         if start < base + size and base < start + count and user not in ("root", "0"):
             return False, user
@@ -127,7 +127,7 @@ def _subid_owner(path: Path, base: int, size: int) -> tuple[bool, str]:
 
 def check_subids(config: RunnerConfig, etc: Path = Path("/etc")) -> Check:
     """root's subordinate ids: the containers' uid range, which `stockade serve` adds."""
-    base, size = config.idmap_base, config.idmap_size
+    base, size = config.idmap_base, config.idmap_size * config.uid_ranges
     span = f"{base}-{base + size - 1}"
     found = {name: _subid_owner(etc / name, base, size) for name in ("subuid", "subgid")}
     for name, (_, other) in found.items():

@@ -38,6 +38,7 @@ class Ready(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="ready"
     name: str
     kind: str
     socket: str
+    root_uid: int  # the container's root on the host: its socket's owner, and its zygote's
 
 
 class Recycle(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="recycle"):

@@ -100,9 +100,14 @@ class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # `stockade images export` wrote); without one the runner refuses to start.
     image_archive_dir: str = "/var/lib/stockade/images"
     container_prefix: str = "stockade-pool-"
-    # The container's uid/gid range on the host (also written to /etc/subuid and /etc/subgid).
+    # Each container maps its ids to a range of its own on the host (`idmap_size` ids, so
+    # that what the kernel counts per uid is never shared between containers), one of
+    # `idmap_ranges` from `idmap_base`; all are written to /etc/subuid and /etc/subgid.
+    # 0 sizes it from the pool: twice the containers, and two more, since a replacement
+    # starts before the container it replaces is gone (see `uid_ranges`).
     idmap_base: int = 100000
     idmap_size: int = 65536
+    idmap_ranges: int = 0
     # Each container's cgroup caps: room for the largest run plus the zygote and a prepared run.
     container_memory_overhead_mib: int = 512
     container_cpus: float = 1.0
@@ -135,6 +140,12 @@ class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("pool_memory_mib and memory_reserve_mib must be 0 or more")
         if self.idmap_size < 65536:
             raise ValueError("idmap_size must be at least 65536 (runs use uid 61000)")
+        if self.idmap_ranges and not self.all_containers < self.idmap_ranges <= 4096:
+            raise ValueError(f"idmap_ranges must exceed the containers ({self.all_containers}"
+                             ": each holds one, and a replacement needs a free one) and be "
+                             "at most 4096; or 0 to size it from the pool")
+        if self.idmap_base + self.uid_ranges * self.idmap_size > 1 << 31:
+            raise ValueError("idmap_base + uid_ranges * idmap_size must stay below 2^31")
 
     @property
     def containers(self) -> int:
@@ -144,6 +155,12 @@ class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def all_containers(self) -> int:
         return self.containers + self.sessions.pool_size
+
+    @property
+    def uid_ranges(self) -> int:
+        """How many containers' uid ranges there are: `idmap_ranges`, or with 0 twice the
+        containers and two (each replacement starts before the one it replaces goes)."""
+        return self.idmap_ranges or 2 * self.all_containers + 2
 
     @property
     def wait_queue(self) -> int:

@@ -174,6 +174,7 @@ def serve(config: RunnerConfig, external_front: bool = False) -> int:
         raise ServiceError("serve needs root: it manages LXC containers and their cgroups "
                            "(the HTTP front drops to an unprivileged user)")
     front_pid = 0
+    containers: Containers | None = None
     try:
         containers, user = prepare_host(config)
         listener = listen(config)
@@ -210,6 +211,8 @@ def serve(config: RunnerConfig, external_front: bool = False) -> int:
                 os.kill(front_pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(front_pid, 0)
+        if containers is not None:
+            containers.close()
         release_host(config)
 
 

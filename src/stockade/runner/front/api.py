@@ -43,13 +43,13 @@ R = TypeVar("R", bound=Result)
 log = logging.getLogger(__name__)
 
 
-def _run_on(lease: Lease, owner_uid: int, job: client.Job, limits: Limits,
-            outputs: client.OutputCaps, *, sink: client.OutputSink | None) -> Result:
+def _run_on(lease: Lease, job: client.Job, limits: Limits, outputs: client.OutputCaps, *,
+            sink: client.OutputSink | None) -> Result:
     """In a worker thread: one run on the leased container's zygote, over the connection
     the lease keeps open between runs (a zygote serves one connection at a time)."""
     if lease.connection is None:
         try:
-            lease.connection = connect_trusted(lease.socket_path, owner_uid)
+            lease.connection = connect_trusted(lease.socket_path, lease.root_uid)
         except OSError as exc:
             return client.internal_error(f"cannot reach the container's zygote: {exc}")
     return client.run(lease.connection, job, limits, outputs, sink)
@@ -148,7 +148,7 @@ class Runs:
             events.started()
         loop = asyncio.get_running_loop()
         running = loop.run_in_executor(self.threads, functools.partial(
-            _run_on, lease, self.config.idmap_base, job, limits, self.outputs,
+            _run_on, lease, job, limits, self.outputs,
             sink=events.output if events else None))
         # The container goes back when its run has ended in its thread, not when this
         # request does: a cancelled request must not close a connection still in use.

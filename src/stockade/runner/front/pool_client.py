@@ -61,6 +61,7 @@ class Lease:
     name: str
     kind: str
     socket_path: str
+    root_uid: int  # the container's root on the host, as the manager said
     connection: socket.socket | None = field(default=None, repr=False)
     runs: int = 0  # runs this container has served
     since: float = field(default_factory=time.monotonic)  # when the front first got it
@@ -104,7 +105,8 @@ class PoolClient:
             while True:
                 message = await read_manager(self.reader)
                 if isinstance(message, Ready):
-                    self._give(Lease(message.name, message.kind, message.socket))
+                    self._give(Lease(message.name, message.kind, message.socket,
+                                     message.root_uid))
                 elif isinstance(message, PoolStats):
                     future = self.asked.pop(message.id, None)
                     if future is not None and not future.done():

@@ -217,7 +217,7 @@ class Sessions:
                            retry_after=1) from None
         if lease.connection is None:
             try:
-                lease.connection = connect_trusted(lease.socket_path, self.config.idmap_base)
+                lease.connection = connect_trusted(lease.socket_path, lease.root_uid)
             except OSError:
                 self.runs.give_back(lease, None)
                 raise ApiError(503, "unavailable", "the session could not be started; "

@@ -80,7 +80,7 @@ def write_seccomp_profile(config: RunnerConfig) -> Path:
 
 
 # Keys whose values add up: set them one value at a time, each appended.
-LIST_KEYS = frozenset({"lxc.cap.keep"})
+LIST_KEYS = frozenset({"lxc.cap.keep", "lxc.idmap"})
 
 
 def lxc_items(config: RunnerConfig) -> list[tuple[str, str]]:

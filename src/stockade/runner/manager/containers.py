@@ -20,6 +20,7 @@ import msgspec
 from stockade.limits import LimitPolicy
 from stockade.runner.config import SESSION_TTL_BACKSTOP_S, RunnerConfig
 from stockade.runner.manager import apparmor, container_policy, images, layout
+from stockade.runner.manager.idmap import RangeError, Ranges, Views
 from stockade.runner.manager.lxc_cgroups import (
     cgroup_dirs,
     cgroup_version,
@@ -41,12 +42,28 @@ class ContainerError(RuntimeError):
 
 
 def ensure_subid_ranges(config: RunnerConfig) -> None:
-    """Give root the containers' uid/gid range, which newuidmap checks."""
-    line = f"root:{config.idmap_base}:{config.idmap_size}"
+    """Give root the containers' uid/gid ranges, which newuidmap checks, unless a line of
+    root's already covers them all (the lxc_host role gives root a larger span)."""
+    span = config.idmap_size * config.uid_ranges
+    line = f"root:{config.idmap_base}:{span}"
     for path in (Path("/etc/subuid"), Path("/etc/subgid")):
         current = path.read_text().splitlines() if path.exists() else []
-        if line not in current:
+        if any(_covers(entry, config.idmap_base, span) for entry in current):
+            continue
+        try:
             path.write_text("\n".join([*current, line]) + "\n")
+        except OSError as exc:
+            raise ContainerError(f"root needs {line} in {path} ({exc.strerror}): add it, or "
+                                 "lower idmap_ranges or the pool sizes") from None
+
+
+def _covers(entry: str, base: int, span: int) -> bool:
+    parts = entry.strip().split(":")
+    if len(parts) != 3 or parts[0] not in ("root", "0") or not all(
+            part.isdigit() for part in parts[1:]):
+        return False
+    start, count = int(parts[1]), int(parts[2])
+    return start <= base and base + span <= start + count
 
 
 def zygote_config(config: RunnerConfig, preload: list[str]) -> SandboxConfig:
@@ -96,6 +113,16 @@ class Containers:
         # Children that are not LXC monitors (the HTTP front): never reaped here.
         self.keep_children: set[int] = set()
         self.home = cgroup_dirs()
+        self.ranges = Ranges(config.idmap_base, config.idmap_size, config.uid_ranges)
+        self.views = Views(config.idmap_base, config.idmap_size)
+
+    def close(self) -> None:
+        """Release the user namespaces of the image's views (every container is gone)."""
+        self.views.close()
+
+    def root_uid(self, name: str) -> int:
+        """Container `name`'s root on the host: the first id of its range."""
+        return self.ranges.root(self.ranges.held[name])
 
     def socket_path(self, name: str) -> Path:
         return layout.host_socket(self.config, name)
@@ -126,7 +153,7 @@ class Containers:
         self.socket_root.mkdir(mode=0o711, exist_ok=True)
         os.chmod(self.socket_root, 0o711)  # noqa: S103 - each container directory guards itself
 
-    def _socket_dir(self, name: str, preload: list[str]) -> Path:
+    def _socket_dir(self, name: str, preload: list[str], root: int) -> Path:
         """The container's only window to the host: its zygote's config and socket. Owned
         by the container's root; only the runner's group may enter besides."""
         self.prepare_directories()
@@ -135,7 +162,7 @@ class Containers:
         directory.mkdir(mode=0o710)
         (directory / layout.ZYGOTE_CONFIG_NAME).write_bytes(
             msgspec.json.encode(zygote_config(self.config, preload)))
-        os.chown(directory, self.config.idmap_base, self.runner_gid)
+        os.chown(directory, root, self.runner_gid)
         return directory
 
     def start(self, name: str, preload: list[str]) -> None:
@@ -145,15 +172,23 @@ class Containers:
         if not base.defined:
             raise ContainerError(f"the sandbox image {image} is missing: "
                                  "run `make sandbox-image`")
-        directory = self._socket_dir(name, preload)
         try:
+            root = self.ranges.take(name)
+            directory = self._socket_dir(name, preload, root)
             container = base.clone(name, config_path=self.lxc_path,
                                    flags=lxc.LXC_CLONE_SNAPSHOT, bdevtype="overlayfs")
             if not container:
                 raise ContainerError(f"cannot clone {image} into {name}")
-            rootfs = self._mount_root(name, container.get_config_item("lxc.rootfs.path"))
+            _shift_range(Path(self.lxc_path) / name, self.config.idmap_base, root,
+                         self.config.idmap_size)
+            rootfs = self._mount_root(name, container.get_config_item("lxc.rootfs.path"),
+                                      root)
+            size = self.config.idmap_size
             mount_point = layout.CONTAINER_DIR.lstrip("/")
+            if not container.clear_config_item("lxc.idmap"):
+                raise ContainerError(f"LXC would not clear {name}'s idmap")
             items = [("lxc.rootfs.path", str(rootfs)),  # a directory (LXC refuses "dir:")
+                     ("lxc.idmap", f"u 0 {root} {size}"), ("lxc.idmap", f"g 0 {root} {size}"),
                      ("lxc.mount.entry", f"{directory} {mount_point} none bind,create=dir 0 0"),
                      ("lxc.uts.name", layout.HOSTNAME),
                      ("lxc.console.logfile", str(layout.console_log(self.config, name))),
@@ -180,16 +215,31 @@ class Containers:
     def _rootfs(self, name: str) -> Path:
         return Path(self.lxc_path) / name / "rootfs"
 
-    def _mount_root(self, name: str, clone_rootfs: str) -> Path:
+    def _view(self, name: str) -> Path:
+        return Path(self.lxc_path) / name / "image"
+
+    def _mount_root(self, name: str, clone_rootfs: str, root: int) -> Path:
         """Mount the clone's overlay (`[overlay:]LOWER:UPPER`, as LXC made it) ourselves,
         its layers named by descriptor (`/proc/self/fd/N`): the overlay's options are all a
-        mount table shows of it, and a run sees /usr's, so no host path shows there."""
+        mount table shows of it, and a run sees /usr's, so no host path shows there. Its
+        lower layer is the image itself in the first uid range, else the image's view
+        idmapped onto the container's range."""
         layers = clone_rootfs.removeprefix("overlayfs:").removeprefix("overlay:").split(":")
         if len(layers) != 2 or not all(layer.startswith("/") for layer in layers):
             raise ContainerError(f"{name}'s clone is not an overlay: {clone_rootfs}")
         lower, upper = layers
+        if root != self.config.idmap_base:
+            view = self._view(name)
+            view.mkdir(mode=0o755, exist_ok=True)
+            try:
+                self.views.mount(Path(lower), root, view)
+            except RangeError as exc:
+                raise ContainerError(str(exc)) from None
+            lower = str(view)
         work = Path(upper).parent / "work"
-        work.mkdir(mode=0o700, exist_ok=True)
+        if not work.exists():
+            work.mkdir(mode=0o700)
+            os.chown(work, root, root)
         rootfs = self._rootfs(name)
         rootfs.mkdir(mode=0o755, exist_ok=True)
         flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -206,11 +256,15 @@ class Containers:
         return rootfs
 
     def _unmount_root(self, name: str) -> None:
-        rootfs = self._rootfs(name)
-        if rootfs.is_dir() and os.path.ismount(rootfs):
-            libc.umount2(str(rootfs), libc.MNT_DETACH)
-        if rootfs.is_dir() and os.path.ismount(rootfs):
-            raise ContainerError(f"{rootfs} is still mounted")
+        """Whatever is mounted in the container's directory (its overlay root, the image's
+        view below it), deepest first."""
+        top = Path(self.lxc_path) / name
+        for point in images.mounts_under(top):
+            with contextlib.suppress(OSError):  # checked below
+                libc.umount2(point, libc.MNT_DETACH)
+        left = images.mounts_under(top)
+        if left:
+            raise ContainerError(f"{', '.join(left)} still mounted")
 
     def _console_tail(self, name: str) -> str:
         try:
@@ -256,13 +310,17 @@ class Containers:
         self._unmount_root(name)  # before LXC removes the rootfs directory
         if container.defined and not container.destroy():
             raise ContainerError(f"cannot destroy container {name}")
-        images.remove_tree(Path(self.lxc_path) / name)
-        images.remove_tree(layout.host_dir(self.config, name))
+        try:
+            images.remove_tree(Path(self.lxc_path) / name)
+            images.remove_tree(layout.host_dir(self.config, name))
+        except images.ImageError as exc:
+            raise ContainerError(str(exc)) from None
         busy = remove_lxc_cgroups(name, self.config.container_prefix,
                                   timeout_s=CGROUP_TIMEOUT_S,
                                   between=lambda: reap_zombies(self.keep_children))
         if busy:
             raise ContainerError(f"cgroups of {name} still busy: {', '.join(busy)}")
+        self.ranges.give_back(name)  # nothing of it is left to hold an id of its range
 
     def existing(self) -> list[str]:
         names = lxc.list_containers(config_path=self.lxc_path)
@@ -280,3 +338,18 @@ class Containers:
         remove_lxc_cgroups(self.config.container_prefix, self.config.container_prefix,
                            prefix=True)
         return left
+
+
+def _shift_range(top: Path, base: int, root: int, size: int) -> None:
+    """Move what a clone made (owned in the first range, as the image is) into the range
+    that starts at `root`; other owners (root's config files) stay."""
+    if root == base:
+        return
+    for dirpath, dirnames, filenames in os.walk(top):
+        for entry in [*dirnames, *filenames, ""]:
+            path = os.path.join(dirpath, entry) if entry else dirpath
+            st = os.lstat(path)
+            uid = st.st_uid - base + root if base <= st.st_uid < base + size else st.st_uid
+            gid = st.st_gid - base + root if base <= st.st_gid < base + size else st.st_gid
+            if (uid, gid) != (st.st_uid, st.st_gid):
+                os.lchown(path, uid, gid)

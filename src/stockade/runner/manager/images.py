@@ -16,6 +16,7 @@ import functools
 import hashlib
 import importlib.metadata
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -232,10 +233,10 @@ def prune(config: RunnerConfig) -> list[str]:
     """Remove older images that no container (of any runner on this host) is cloned from."""
     lxc_path = Path(config.lxc_path)
     in_use = set()
-    for container_config in lxc_path.glob("*/config"):
-        for line in container_config.read_text(errors="replace").splitlines():
-            if line.startswith("lxc.rootfs.path") and "overlay:" in line:
-                in_use.add(Path(line.split("overlay:", 1)[1].split(":", 1)[0]).parent.name)
+    for depends in lxc_path.glob("*/lxc_rdepends"):  # LXC's: "<lxc path>\n<clone source>\n"
+        lines = depends.read_text(errors="replace").splitlines()
+        if len(lines) >= 2:
+            in_use.add(lines[1])
     removed = []
     for old in lxc_path.glob(f"{config.image}-*"):
         if old.name != image_name(config) and old.name not in in_use and (
@@ -309,8 +310,25 @@ def _install(config: RunnerConfig, rootfs: Path) -> None:
     (final / "config").write_text(container_config(config, final / "rootfs"))
 
 
+def mounts_under(path: Path, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    """Mount points at or below `path` in this mount namespace, deepest first. (Not
+    os.path.ismount: a bind mount of the same filesystem looks like a plain directory.)"""
+    top = os.path.realpath(path)
+    points = []
+    for line in Path(mountinfo).read_text().splitlines():
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+        if point == top or point.startswith(top + "/"):
+            points.append(point)
+    return sorted(points, key=len, reverse=True)
+
+
 def remove_tree(path: Path) -> None:
+    """Remove a file or a directory tree, never through a mount: a tree with something
+    mounted in it (a container's view of the image, say) is refused whole."""
     if path.is_symlink() or path.is_file():
         path.unlink()
     elif path.exists():
+        mounted = mounts_under(path)
+        if mounted:
+            raise ImageError(f"not removing {path}: {', '.join(mounted)} is mounted there")
         shutil.rmtree(path, ignore_errors=True)

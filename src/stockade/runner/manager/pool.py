@@ -159,7 +159,8 @@ class Manager:
         self.owner[name] = pool
         socket_path = str(self.containers.socket_path(name))
         with contextlib.suppress(ConnectionError, RuntimeError):
-            channel.write(self.writer, channel.Ready(name, pool.kind.name, socket_path))
+            channel.write(self.writer, channel.Ready(name, pool.kind.name, socket_path,
+                                                     self.containers.root_uid(name)))
 
     async def fill(self) -> None:
         began = time.monotonic()
