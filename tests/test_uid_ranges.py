@@ -27,7 +27,6 @@ def test_ranges_are_held_until_given_back() -> None:
         ranges.take("d")
     ranges.give_back("b")
     assert ranges.take("d") == 165536
-    assert ranges.holds(231072) and not ranges.holds(231073) and not ranges.holds(296608)
 
 
 def _root_uids(runner: RunnerProcess) -> dict[str, str]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stockade.runner.config import RunnerConfig
-from stockade.runner.manager import apparmor
+from stockade.runner.manager import apparmor, idmap
 from stockade.sandbox.cgroups import MOUNTINFO, parse_mountinfo
 
 PACKER_MIN = (1, 6, 6)
@@ -114,12 +114,12 @@ def _subid_owner(path: Path, base: int, size: int) -> tuple[bool, str]:
     except FileNotFoundError:
         return False, ""
     for line in lines:
-        parts = line.strip().split(":")
-        if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        entry = idmap.subid_entry(line)
+        if entry is None:
             continue
-        user, start, count = parts[0], int(parts[1]), int(parts[2])
-        if user in ("root", "0") and start <= base and base + size <= start + count:
+        if idmap.root_covers(line, base, size):
             return True, ""
+        user, start, count = entry
         if start < base + size and base < start + count and user not in ("root", "0"):
             return False, user
     return False, ""

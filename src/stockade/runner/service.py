@@ -26,7 +26,6 @@ import os
 import pwd
 import signal
 import socket
-import struct
 import subprocess
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from stockade.runner.config import RunnerConfig, host_memory_mib, kinds, pool_me
 from stockade.runner.front.api import Api, Runs
 from stockade.runner.front.metrics import Metrics
 from stockade.runner.front.pages import Pages
-from stockade.runner.front.pool_client import PoolClient
+from stockade.runner.front.pool_client import PoolClient, peer_credentials
 from stockade.runner.front.sessions import Sessions
 from stockade.runner.front.tenants import Tenants
 from stockade.runner.keys import KeyRing
@@ -276,8 +275,7 @@ async def accept_front(config: RunnerConfig, user: pwd.struct_passwd,
         loop = asyncio.get_running_loop()
         while True:
             conn, _ = await loop.sock_accept(server)
-            pid, uid, _ = struct.unpack("3i", conn.getsockopt(
-                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            pid, uid, _ = peer_credentials(conn)
             if uid != user.pw_uid:
                 log.warning(f"refused a front from uid {uid} (pid {pid}): the front runs "
                             f"as {user.pw_name}")
@@ -388,8 +386,7 @@ def connect_manager(path: str, timeout_s: float) -> socket.socket:
             conn.close()
             raise ServiceError(f"cannot connect to the pool manager at {path}: "
                                f"{exc.strerror}") from None
-    _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                    struct.calcsize("3i")))
+    _, uid, _ = peer_credentials(conn)
     if uid != 0:
         conn.close()
         raise ServiceError(f"{path} is served by uid {uid}, not root: not a stockade pool "

@@ -28,6 +28,13 @@ from stockade.runner.channel import (
 from stockade.sandbox import client
 
 
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket, from the kernel."""
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                        struct.calcsize("3i")))
+    return pid, uid, gid
+
+
 def connect_trusted(path: str, owner_uid: int) -> socket.socket:
     """Connect to a container's zygote socket only if it is a socket owned by the
     container's root, reached through no symlink, and served by a process of that uid.
@@ -46,8 +53,7 @@ def connect_trusted(path: str, owner_uid: int) -> socket.socket:
         sock = client.connect(f"/proc/self/fd/{dirfd}/{name}")
     finally:
         os.close(dirfd)
-    _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                    struct.calcsize("3i")))
+    _, uid, _ = peer_credentials(sock)
     if uid != owner_uid:
         sock.close()
         raise PermissionError(errno.EPERM, f"{path} is served by uid {uid}, not {owner_uid}")

@@ -20,7 +20,7 @@ import msgspec
 from stockade.limits import LimitPolicy
 from stockade.runner.config import SESSION_TTL_BACKSTOP_S, RunnerConfig
 from stockade.runner.manager import apparmor, container_policy, images, layout
-from stockade.runner.manager.idmap import RangeError, Ranges, Views
+from stockade.runner.manager.idmap import RangeError, Ranges, Views, root_covers
 from stockade.runner.manager.lxc_cgroups import (
     cgroup_dirs,
     cgroup_version,
@@ -48,22 +48,13 @@ def ensure_subid_ranges(config: RunnerConfig) -> None:
     line = f"root:{config.idmap_base}:{span}"
     for path in (Path("/etc/subuid"), Path("/etc/subgid")):
         current = path.read_text().splitlines() if path.exists() else []
-        if any(_covers(entry, config.idmap_base, span) for entry in current):
+        if any(root_covers(entry, config.idmap_base, span) for entry in current):
             continue
         try:
             path.write_text("\n".join([*current, line]) + "\n")
         except OSError as exc:
             raise ContainerError(f"root needs {line} in {path} ({exc.strerror}): add it, or "
                                  "lower idmap_ranges or the pool sizes") from None
-
-
-def _covers(entry: str, base: int, span: int) -> bool:
-    parts = entry.strip().split(":")
-    if len(parts) != 3 or parts[0] not in ("root", "0") or not all(
-            part.isdigit() for part in parts[1:]):
-        return False
-    start, count = int(parts[1]), int(parts[2])
-    return start <= base and base + span <= start + count
 
 
 def zygote_config(config: RunnerConfig, preload: list[str]) -> SandboxConfig:

@@ -67,10 +67,21 @@ class Ranges:
     def root(self, index: int) -> int:
         return self.base + index * self.size
 
-    def holds(self, uid: int) -> bool:
-        """Whether `uid` is a container's root in one of the ranges."""
-        offset = uid - self.base
-        return 0 <= offset < self.count * self.size and offset % self.size == 0
+
+
+def subid_entry(line: str) -> tuple[str, int, int] | None:
+    """An /etc/subuid (or subgid) line as (user, first id, count), or None."""
+    parts = line.strip().split(":")
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
+    return parts[0], int(parts[1]), int(parts[2])
+
+
+def root_covers(line: str, base: int, span: int) -> bool:
+    """Whether the line gives root every id of `base`..`base + span - 1`."""
+    entry = subid_entry(line)
+    return entry is not None and entry[0] in ("root", "0") and \
+        entry[1] <= base and base + span <= entry[1] + entry[2]
 
 
 class Views:
