@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from stockade.runner.local import LocalServiceError, RunnerProcess, runner_config
+from stockade.runner.service import ensure_user
 from support.runners import own_runner
 
 PORT = 18094
@@ -38,6 +39,12 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], runner: RunnerPro
         if proc.poll() is not None or time.monotonic() > deadline:
             raise LocalServiceError(f"the manager never listened at {path}:\n{runner.log()}")
         time.sleep(0.05)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def runner_user() -> None:
+    """The runner's user, as `stockade serve` makes it (the front runs as it)."""
+    ensure_user(USER)
 
 
 @pytest.fixture
