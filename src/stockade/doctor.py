@@ -117,7 +117,7 @@ def _subid_owner(path: Path, base: int, size: int) -> tuple[bool, str]:
         entry = idmap.subid_entry(line)
         if entry is None:
             continue
-        if idmap.root_covers(line, base, size):
+        if idmap.root_covers(entry, base, size):
             return True, ""
         user, start, count = entry
         if start < base + size and base < start + count and user not in ("root", "0"):
@@ -127,7 +127,7 @@ def _subid_owner(path: Path, base: int, size: int) -> tuple[bool, str]:
 
 def check_subids(config: RunnerConfig, etc: Path = Path("/etc")) -> Check:
     """root's subordinate ids: the containers' uid range, which `stockade serve` adds."""
-    base, size = config.idmap_base, config.idmap_size * config.uid_ranges
+    base, size = config.idmap_base, config.idmap_span
     span = f"{base}-{base + size - 1}"
     found = {name: _subid_owner(etc / name, base, size) for name in ("subuid", "subgid")}
     for name, (_, other) in found.items():

@@ -97,12 +97,17 @@ async def read_manager(reader: asyncio.StreamReader) -> ManagerMessage:
     return await _read(reader, _manager_decoder)  # type: ignore[return-value]
 
 
-def decode_hello(line: bytes) -> Hello:
+def decode_hello(data: bytes) -> Hello:
     try:
-        return _hello_decoder.decode(line)
+        return _hello_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ChannelError(f"invalid hello: {exc}") from None
 
 
+def frame(message: msgspec.Struct) -> bytes:
+    """A message as the channel frames it: one line of JSON."""
+    return msgspec.json.encode(message) + b"\n"
+
+
 def write(writer: asyncio.StreamWriter, message: msgspec.Struct) -> None:
-    writer.write(msgspec.json.encode(message) + b"\n")
+    writer.write(frame(message))

@@ -144,7 +144,7 @@ class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"idmap_ranges must exceed the containers ({self.all_containers}"
                              ": each holds one, and a replacement needs a free one) and be "
                              "at most 4096; or 0 to size it from the pool")
-        if self.idmap_base + self.uid_ranges * self.idmap_size > 1 << 31:
+        if self.idmap_base + self.idmap_span > 1 << 31:
             raise ValueError("idmap_base + uid_ranges * idmap_size must stay below 2^31")
 
     @property
@@ -161,6 +161,11 @@ class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """How many containers' uid ranges there are: `idmap_ranges`, or with 0 twice the
         containers and two (each replacement starts before the one it replaces goes)."""
         return self.idmap_ranges or 2 * self.all_containers + 2
+
+    @property
+    def idmap_span(self) -> int:
+        """Every id the containers' ranges take together, from `idmap_base`."""
+        return self.uid_ranges * self.idmap_size
 
     @property
     def wait_queue(self) -> int:

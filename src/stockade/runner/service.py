@@ -30,7 +30,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import msgspec
 from aiohttp import web
 
 from stockade.runner import channel, keys, logs
@@ -282,7 +281,7 @@ async def accept_front(config: RunnerConfig, user: pwd.struct_passwd,
                 conn.close()
                 continue
             conn.setblocking(True)
-            socket.send_fds(conn, [msgspec.json.encode(hello) + b"\n"], [listener.fileno()])
+            socket.send_fds(conn, [channel.frame(hello)], [listener.fileno()])
             log.info(f"the front (pid {pid}) connected")
             return conn, pid
     finally:

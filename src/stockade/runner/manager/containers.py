@@ -20,7 +20,7 @@ import msgspec
 from stockade.limits import LimitPolicy
 from stockade.runner.config import SESSION_TTL_BACKSTOP_S, RunnerConfig
 from stockade.runner.manager import apparmor, container_policy, images, layout
-from stockade.runner.manager.idmap import RangeError, Ranges, Views, root_covers
+from stockade.runner.manager.idmap import RangeError, Ranges, Views, root_covers, subid_entry
 from stockade.runner.manager.lxc_cgroups import (
     cgroup_dirs,
     cgroup_version,
@@ -44,11 +44,11 @@ class ContainerError(RuntimeError):
 def ensure_subid_ranges(config: RunnerConfig) -> None:
     """Give root the containers' uid/gid ranges, which newuidmap checks, unless a line of
     root's already covers them all (the lxc_host role gives root a larger span)."""
-    span = config.idmap_size * config.uid_ranges
-    line = f"root:{config.idmap_base}:{span}"
+    line = f"root:{config.idmap_base}:{config.idmap_span}"
     for path in (Path("/etc/subuid"), Path("/etc/subgid")):
         current = path.read_text().splitlines() if path.exists() else []
-        if any(root_covers(entry, config.idmap_base, span) for entry in current):
+        if any(root_covers(subid_entry(entry), config.idmap_base, config.idmap_span)
+               for entry in current):
             continue
         try:
             path.write_text("\n".join([*current, line]) + "\n")

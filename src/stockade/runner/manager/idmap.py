@@ -77,9 +77,8 @@ def subid_entry(line: str) -> tuple[str, int, int] | None:
     return parts[0], int(parts[1]), int(parts[2])
 
 
-def root_covers(line: str, base: int, span: int) -> bool:
-    """Whether the line gives root every id of `base`..`base + span - 1`."""
-    entry = subid_entry(line)
+def root_covers(entry: tuple[str, int, int] | None, base: int, span: int) -> bool:
+    """Whether a `subid_entry` gives root every id of `base`..`base + span - 1`."""
     return entry is not None and entry[0] in ("root", "0") and \
         entry[1] <= base and base + span <= entry[1] + entry[2]
 
