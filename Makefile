@@ -36,6 +36,7 @@ SCENARIOS ?= hardening runner
 
 .DEFAULT_GOAL := help
 .PHONY: help packages test-packages install install-test apt doctor apparmor run sandbox-image dist \
+	lock environment \
 	image host-image image-test roll roll-test test test-python molecule fresh-test lint bench \
 	soak uninstall clean
 
@@ -97,25 +98,45 @@ run: packages install apparmor doctor sandbox-image ## Set up what is missing, t
 	@$(if $(LISTEN),echo "==> callers need an API key: sudo $(BIN)/stockade keys add NAME",echo "==> anyone on this host may run code without a key (LISTEN=host:port requires keys)")
 	$(BIN)/stockade serve $(if $(LISTEN),--listen $(LISTEN),--anonymous)
 
-# Packer (lxc builder, provisioned by ansible/sandbox.yml) builds the rootfs; stockade
-# checks it carries this checkout's sandbox code, shifts it into the containers' uid range,
-# installs it for the runner here and archives it under images/ for other hosts.
-sandbox-image: install ## Build the sandbox image with Packer unless it is current (FORCE=1: anyway).
-	@if [ -z "$(FORCE)" ] && $(BIN)/stockade images status; then :; else \
-		$(STEP) "building the sandbox image with Packer" "~2 min; ~3 min the first time" \
-			$(LOGS)/sandbox-image.log "make sandbox-image FORCE=1 STEP_VERBOSE=1 PACKER_LOG=1" \
-			-- packer/scripts/build-sandbox-image $(BIN); fi
-	@mkdir -p images && archive=$$($(BIN)/stockade images export --output images) && \
-		(cd images && sha256sum "$${archive##*/}" > "$${archive##*/}.sha256") && \
-		echo "sandbox-image: $$archive (sha256 in $${archive##*/}.sha256)"
+# Environments: one directory each under src/stockade/environments/ (ENVS=... picks some).
+ENVS ?= $(sort $(notdir $(patsubst %/,%,$(dir $(wildcard src/stockade/environments/*/environment.toml)))))
+ENV_FLAGS = $(foreach e,$(ENVS),--environment $(e))
 
-dist: install sandbox-image ## The runner's wheels and the sandbox image archive, for Ansible (root).
+# Packer (lxc builder, provisioned by ansible/sandbox.yml) builds each environment's rootfs;
+# stockade checks it carries this checkout's sandbox code and the environment's locked
+# packages, shifts it into the containers' uid range, installs it for the runner here and
+# archives it under images/ for other hosts (older archives there are removed).
+sandbox-image: install ## Build each environment's sandbox image with Packer unless current (FORCE=1: anyway; ENVS=...).
+	@if [ -z "$(FORCE)" ] && $(BIN)/stockade images status $(ENV_FLAGS) >/dev/null; then :; else \
+		$(STEP) "building the sandbox images with Packer: $(ENVS)" \
+			"~3 min each; ~4 min the first of a Debian release" $(LOGS)/sandbox-image.log \
+			"make sandbox-image FORCE=$(FORCE) ENVS='$(ENVS)' STEP_VERBOSE=1 PACKER_LOG=1" \
+			-- packer/scripts/build-sandbox-image $(BIN) $(ENVS); fi
+	@mkdir -p images && archives=" $$(echo $$($(BIN)/stockade images export --output images \
+		$(ENV_FLAGS))) " && for a in $$archives; do (cd images && sha256sum "$${a##*/}" > \
+			"$${a##*/}.sha256") && echo "sandbox-image: $$a (sha256 in $${a##*/}.sha256)"; done && \
+		for old in images/stockade-sandbox-*.tar.gz; do case "$$archives" in *" $$old "*) ;; \
+			*) rm -f "$$old" "$$old.sha256";; esac; done
+
+# Adding an environment: a directory with its environment.toml, then `make environment`.
+lock: install ## Write ENV's hash-locked requirements.lock from its package set (PyPI).
+	@test -n "$(ENV)" || { echo "usage: make lock ENV=NAME"; exit 2; }
+	@$(BIN)/stockade images lock --environment $(ENV)
+
+environment: install ## Lock ENV if it has no lock, then build its sandbox image (root).
+	@test -n "$(ENV)" || { echo "usage: make environment ENV=NAME"; exit 2; }
+	@test -f src/stockade/environments/$(ENV)/requirements.lock || $(MAKE) --no-print-directory lock ENV=$(ENV)
+	@$(MAKE) --no-print-directory sandbox-image ENVS=$(ENV)
+
+dist: install sandbox-image ## The runner's wheels and the sandbox images' archives, for Ansible (root).
 	@rm -rf dist/wheelhouse
 	@$(STEP) "building the runner's wheels for hosts" "~1 min" $(LOGS)/wheels.log \
 		"make dist STEP_VERBOSE=1" -- $(BIN)/pip wheel --disable-pip-version-check \
 		--use-pep517 --wheel-dir dist/wheelhouse '.[runner]'
-	@archive=$$($(BIN)/stockade images export --output dist) && echo "dist: $$archive" && \
-		find dist -maxdepth 1 -name 'stockade-sandbox-*.tar.gz' ! -path "$$archive" -delete
+	@archives=" $$(echo $$($(BIN)/stockade images export --output dist $(ENV_FLAGS))) " && \
+		for a in $$archives; do echo "dist: $$a"; done && \
+		for old in dist/stockade-sandbox-*.tar.gz; do case "$$archives" in *" $$old "*) ;; \
+			*) rm -f "$$old";; esac; done
 
 # Packer's lxc builder provisions a Debian container with ansible/image.yml and exports its
 # rootfs; scripts/rootfs-to-qcow2 makes that a bootable disk. Artifacts, with SHA256SUMS

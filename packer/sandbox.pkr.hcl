@@ -1,7 +1,9 @@
-# The sandbox container image: Debian bookworm with python3, the pinned wheels and the
-# sandbox package, provisioned by ansible/sandbox.yml. `make sandbox-image` runs it with
-# the stage `stockade images stage` wrote, then `stockade images import-rootfs` shifts the
-# exported rootfs into the containers' uid range and `stockade images export` archives it.
+# One environment's sandbox container image: a Debian release with its python3, the
+# environment's hash-locked wheels and the sandbox package, provisioned by
+# ansible/sandbox.yml. `make sandbox-image` runs it once per environment with the stage
+# `stockade images stage` wrote, then `stockade images import-rootfs` checks the exported
+# rootfs against the lock, shifts it into the containers' uid range, and `stockade images
+# export` archives it.
 # Changed this recipe? Bump IMAGE_FORMAT in src/stockade/runner/manager/images.py: the
 # image's name (its digest) must change with it, or no host gets the new one.
 
@@ -15,6 +17,12 @@ variable "output" {
   description = "Directory the rootfs.tar.gz is exported to (must not exist)."
 }
 
+variable "suite" {
+  type        = string
+  description = "The Debian release the environment runs (its environment.toml's suite)."
+  default     = "bookworm"
+}
+
 variable "container_name" {
   type    = string
   default = "stockade-packer-sandbox"
@@ -26,7 +34,7 @@ source "lxc" "sandbox" {
   config_file         = "${path.root}/sandbox-build.conf"
   create_options      = ["-f", "${path.root}/sandbox-build.conf"]
   template_name       = "debian"
-  template_parameters = ["-r", "bookworm", "--packages=python3,catatonit"]
+  template_parameters = ["-r", var.suite, "--packages=python3,catatonit"]
   output_directory    = var.output
   container_name      = var.container_name
   init_timeout        = "120s"

@@ -87,7 +87,8 @@ def test_cgroups(tmp_path: Path, mountinfo: str, controllers: str, ok: bool,
 
 
 def test_subordinate_ids(tmp_path: Path) -> None:
-    config = RunnerConfig(pool_size=2, lean_pool_size=2, idmap_ranges=8)  # 8 x 65536 ids
+    config = RunnerConfig(pool_size=2, lean_pool_size=2, idmap_ranges=8,  # 8 x 65536 ids
+                          environments={})
     span = "100000-624287"
     assert doctor.check_subids(config, tmp_path).ok  # none yet: serve adds them
     for name in ("subuid", "subgid"):

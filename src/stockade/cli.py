@@ -10,11 +10,14 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 import stockade
+from stockade import environment
 from stockade import limits as limits_module
+from stockade.environment import Environment
 from stockade.limits import LimitError, LimitPolicy, LimitsIn
 from stockade.result import Result, Status
 from stockade.runner import config as runner_config
@@ -105,23 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--listen", metavar="HOST:PORT", help="the address `serve` will listen on")
     dr.add_argument("--config", metavar="FILE", help=f"JSON config (default {DEFAULT_CONFIG})")
 
-    im = sub.add_parser("images", help="manage the sandbox container image (root)")
-    im_sub = im.add_subparsers(dest="images_command", required=True, parser_class=_Parser)
-    status = im_sub.add_parser("status", help="name the image this code needs; exit 0 if "
-                               "it is installed, 1 if not")
-    stage = im_sub.add_parser("stage", help="write what the Packer build puts in the rootfs")
-    stage.add_argument("--output", required=True, metavar="DIR")
-    rootfs = im_sub.add_parser("import-rootfs", help="install the rootfs Packer exported "
-                               "unless the image is current")
-    rootfs.add_argument("tarball", metavar="ROOTFS_TAR_GZ")
-    rootfs.add_argument("--force", action="store_true", help="reinstall even if current")
-    export = im_sub.add_parser("export", help="write the current image as IMAGE.tar.gz")
-    export.add_argument("--output", default=".", metavar="DIR", help="directory (default .)")
-    imp = im_sub.add_parser("import", help="install an exported image unless it is current")
-    imp.add_argument("archive", metavar="ARCHIVE", help="a file `images export` wrote")
-    for each in (status, rootfs, export, imp):
-        each.add_argument("--config", metavar="FILE",
-                          help=f"JSON config (default {DEFAULT_CONFIG})")
+    _add_images_parser(sub)
     _add_keys_parser(sub)
     ck = sub.add_parser("check-config", help="validate a runner config file, print it in full")
     ck.add_argument("file", metavar="FILE")
@@ -299,35 +286,113 @@ def cmd_front(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
 
 
+def _add_images_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    im = sub.add_parser("images", help="the environments' sandbox images: build, list, move, "
+                        "collect (root, but for lock and stage)")
+    im_sub = im.add_subparsers(dest="images_command", required=True, parser_class=_Parser)
+    status = im_sub.add_parser("status", help="name each environment's image this code needs; "
+                               "exit 0 if all are installed, 1 if not")
+    listing = im_sub.add_parser("list", help="the images on this host: environment, Python, "
+                                "packages, size, current, in use")
+    listing.add_argument("--json", action="store_true", help="one JSON array")
+    lock = im_sub.add_parser("lock", help="resolve an environment's package set and write its "
+                             "hash-locked requirements.lock")
+    stage = im_sub.add_parser("stage", help="write what the Packer build puts in the rootfs")
+    stage.add_argument("--output", required=True, metavar="DIR")
+    rootfs = im_sub.add_parser("import-rootfs", help="install the rootfs Packer exported "
+                               "unless the environment's image is current")
+    rootfs.add_argument("tarball", metavar="ROOTFS_TAR_GZ")
+    rootfs.add_argument("--force", action="store_true", help="reinstall even if current")
+    for each in (lock, stage, rootfs):
+        each.add_argument("--environment", required=True, metavar="NAME",
+                          help="one of stockade/environments/")
+    export = im_sub.add_parser("export", help="write environments' current images as "
+                               "IMAGE.tar.gz, one path a line")
+    export.add_argument("--output", default=".", metavar="DIR", help="directory (default .)")
+    export.add_argument("--environment", action="append", metavar="NAME",
+                        help="this one (repeatable; default: every environment served)")
+    status.add_argument("--environment", action="append", metavar="NAME",
+                        help="this one (repeatable; default: every environment served)")
+    imp = im_sub.add_parser("import", help="install exported images unless current")
+    imp.add_argument("archive", nargs="+", metavar="ARCHIVE", help="a file `images export` "
+                     "wrote")
+    gc = im_sub.add_parser("gc", help="remove images no environment needs and no container "
+                           "is cloned from")
+    for each in (status, listing, rootfs, export, imp, gc):
+        each.add_argument("--config", metavar="FILE",
+                          help=f"JSON config (default {DEFAULT_CONFIG})")
+
+
 def cmd_images(args: argparse.Namespace) -> int:
     from stockade.runner.manager import images  # noqa: PLC0415 - needs the runner extra
 
-    if args.images_command == "stage":
-        print(images.stage(Path(args.output)))
-        return EXIT_OK
-    config = _runner_config(args.config)
-    name = images.image_name(config)
+    try:
+        if args.images_command in ("lock", "stage"):
+            env = environment.get(args.environment)
+            if args.images_command == "lock":
+                env.lock_path.write_text(environment.lock(env))
+                print(env.lock_path)
+            else:
+                print(images.stage(env, Path(args.output)))
+            return EXIT_OK
+        config = _runner_config(args.config)
+        return _images_command(args, config)
+    except (images.ImageError, environment.DefinitionError) as exc:
+        print(f"stockade: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _images_command(args: argparse.Namespace, config: RunnerConfig) -> int:
+    from stockade.runner.manager import images  # noqa: PLC0415 - needs the runner extra
+
+    named = getattr(args, "environment", None)  # one name, several, or none: those served
+    chosen = [environment.get(name) for name in
+              ([named] if isinstance(named, str) else named or config.served)]
     if args.images_command == "status":
-        current = images.is_current(config)
-        print(f"stockade: image {name} {'is current' if current else 'is not installed'}")
-        return EXIT_OK if current else 1
+        missing = [env for env in chosen if not images.is_current(config, env)]
+        for env in chosen:
+            state = "is not installed" if env in missing else "is current"
+            print(f"stockade: {env.name}: image {images.image_name(config, env)} {state}")
+        return 1 if missing else EXIT_OK
+    if args.images_command == "list":
+        _list_images(images.installed(config), as_json=args.json)
+        return EXIT_OK
     if os.geteuid() != 0:
         raise UsageError(f"images {args.images_command} needs root: container rootfs files "
                          "belong to the containers' uid range")
-    try:
-        if args.images_command == "export":
-            print(images.export(config, Path(args.output)))
-            return EXIT_OK
-        if args.images_command == "import":
-            changed = images.import_archive(config, Path(args.archive))
-        else:
-            changed = images.import_rootfs(config, Path(args.tarball), force=args.force)
-    except images.ImageError as exc:
-        print(f"stockade: {exc}", file=sys.stderr)
-        return EXIT_INTERNAL
-    # One line on stdout that tells a change from a no-op, for scripts and Ansible.
-    print(f"stockade: image {name} {'installed' if changed else 'is current'}")
+    if args.images_command == "export":
+        for env in chosen:
+            print(images.export(config, env, Path(args.output)))
+    elif args.images_command == "gc":
+        for name in images.prune(config):
+            print(f"stockade: removed {name}")
+    elif args.images_command == "import":
+        for archive in args.archive:
+            _say_installed(config, *images.import_archive(config, Path(archive)))
+    else:
+        _say_installed(config, chosen[0], images.import_rootfs(
+            config, chosen[0], Path(args.tarball), force=args.force))
     return EXIT_OK
+
+
+def _list_images(found: list[Any], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.buffer.write(msgspec.json.encode(found) + b"\n")
+        return
+    print(f"{'IMAGE':<48} {'ENVIRONMENT':<18} {'PYTHON':<8} {'PKGS':>4} {'MIB':>7}  STATE")
+    for i in found:
+        state = ", ".join(s for s, on in (("current", i.current), ("in use", i.in_use))
+                          if on) or "stale"
+        print(f"{i.name:<48} {i.environment:<18} {i.python:<8} {i.packages:>4} "
+              f"{i.size_mib:>7.1f}  {state}")
+
+
+def _say_installed(config: RunnerConfig, env: Environment, changed: bool) -> None:
+    """One line on stdout that tells a change from a no-op, for scripts and Ansible."""
+    from stockade.runner.manager import images  # noqa: PLC0415 - needs the runner extra
+
+    print(f"stockade: {env.name}: image {images.image_name(config, env)} "
+          f"{'installed' if changed else 'is current'}")
 
 
 def cmd_keys(args: argparse.Namespace) -> int:

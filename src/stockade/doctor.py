@@ -21,9 +21,10 @@ from stockade.sandbox.cgroups import MOUNTINFO, parse_mountinfo
 
 PACKER_MIN = (1, 6, 6)
 PYTHON_MIN = (3, 11)
-# The sandbox image and its build: a bookworm rootfs with numpy and pandas (~0.5 GiB),
-# Packer's build container and its export beside it, LXC's template cache.
-DISK_MIN_GIB = {"serve": 2.0, "build": 6.0}
+# The environments' sandbox images (two with the data set, ~1 GiB each, and a small one)
+# and their build: Packer's build container and its export beside it, LXC's template cache
+# of each Debian release.
+DISK_MIN_GIB = {"serve": 4.0, "build": 10.0}
 PACKAGES = "make packages (or apt-get install {})"
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import msgspec
 
+from stockade import environment
 from stockade.limits import LimitPolicy
 from stockade.runner.keys import Quota
 
@@ -61,16 +62,40 @@ class SessionPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("sessions.max_outputs and max_output_kib must be positive")
 
 
+class EnvironmentPools(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The containers of one environment other than the default: full ones (its zygote
+    preloads the environment's `preload`) and lean ones (the standard modules only)."""
+
+    pool_size: int = 1
+    lean_pool_size: int = 1
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.pool_size <= 256 and 0 <= self.lean_pool_size <= 256):
+            raise ValueError("an environment's pool sizes must be within [0, 256]")
+
+
+def _default_environments() -> dict[str, EnvironmentPools]:
+    return {"python-3.13": EnvironmentPools(pool_size=1, lean_pool_size=1),
+            "python-3.13-base": EnvironmentPools(pool_size=1, lean_pool_size=0)}
+
+
 class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 8080
     # The unprivileged user the HTTP front runs as (created by `stockade serve` if missing).
     user: str = "stockade"
-    # Containers whose zygote preloads `preload` (numpy, pandas), and lean ones with only
-    # the standard library: forking a smaller interpreter is about twice as fast, so runs
-    # that never name a preloaded module go to a lean one (0 turns the lean pool off).
+    # The environment a run gets unless it names one (stockade/environments/), and its
+    # containers: full ones, whose zygote preloads what the environment names (numpy,
+    # pandas), and lean ones with only the standard library: forking a smaller interpreter
+    # is about twice as fast, so runs that never name a preloaded module go to a lean one
+    # (0 turns the lean pool off).
+    default_environment: str = environment.DEFAULT
     pool_size: int = msgspec.field(default_factory=_default_pool_size)
     lean_pool_size: int = msgspec.field(default_factory=_default_pool_size)
+    # The other environments this host serves, each with its own pools (both 0, or left
+    # out: not served). Each needs its image (`make sandbox-image`).
+    environments: dict[str, EnvironmentPools] = msgspec.field(
+        default_factory=_default_environments)
     # Runs that may wait for a container, each at most queue_timeout_s; past either the
     # answer is 503 + Retry-After. 0 sizes the queue from the pool (see `wait_queue`).
     queue_limit: int = 0
@@ -117,8 +142,6 @@ class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # does not fit is refused at start and by `stockade check-config`.
     pool_memory_mib: int = 0
     memory_reserve_mib: int = 1024
-    # Imported once by each zygote, besides the standard modules every zygote preloads.
-    preload: list[str] = msgspec.field(default_factory=lambda: ["numpy", "pandas"])
     drain_timeout_s: float = 30.0
     sessions: SessionPolicy = SessionPolicy()
 
@@ -144,13 +167,34 @@ class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"idmap_ranges must exceed the containers ({self.all_containers}"
                              ": each holds one, and a replacement needs a free one) and be "
                              "at most 4096; or 0 to size it from the pool")
+        defined = environment.names()
+        for name in [self.default_environment, *self.environments]:
+            if name not in defined:
+                raise ValueError(f"no environment {name!r}; defined: {', '.join(defined)}")
+        if self.default_environment in self.environments:
+            raise ValueError(f"environments names the default environment "
+                             f"{self.default_environment}, whose pools are pool_size and "
+                             "lean_pool_size")
         if self.idmap_base + self.idmap_span > 1 << 31:
             raise ValueError("idmap_base + uid_ranges * idmap_size must stay below 2^31")
 
     @property
     def containers(self) -> int:
         """Containers for one-shot runs (the sessions' pool is apart)."""
-        return self.pool_size + self.lean_pool_size
+        return self.pool_size + self.lean_pool_size + sum(
+            e.pool_size + e.lean_pool_size for e in self.environments.values())
+
+    @property
+    def served(self) -> list[str]:
+        """The environments this host serves, the default first."""
+        return [self.default_environment, *sorted(
+            name for name, pools in self.environments.items()
+            if pools.pool_size + pools.lean_pool_size)]
+
+    def pools(self, name: str) -> EnvironmentPools:
+        if name == self.default_environment:
+            return EnvironmentPools(self.pool_size, self.lean_pool_size)
+        return self.environments[name]
 
     @property
     def all_containers(self) -> int:
@@ -216,31 +260,50 @@ def pool_memory_cap_mib(config: RunnerConfig, host_mib: int) -> int:
 
 @dataclass(frozen=True)
 class Kind:
-    """One pool of identical containers."""
+    """One pool of identical containers: an environment's full, lean or session zygotes."""
 
-    name: str
+    name: str  # the kind alone for the default environment, else "<environment>-<kind>"
     size: int
     preload: list[str]
+    environment: str
+
+
+def kind_name(config: RunnerConfig, env: str, kind: str) -> str:
+    return kind if env == config.default_environment else f"{env}-{kind}"
 
 
 def kinds(config: RunnerConfig) -> list[Kind]:
-    found = [Kind(FULL, config.pool_size, list(config.preload))]
-    if config.lean_pool_size:
-        found.append(Kind(LEAN, config.lean_pool_size, []))
+    found = []
+    for name in config.served:
+        preload = list(environment.get(name).definition.preload)
+        pools = config.pools(name)
+        if preload:
+            found.append(Kind(kind_name(config, name, FULL), pools.pool_size, preload, name))
+            found.append(Kind(kind_name(config, name, LEAN), pools.lean_pool_size, [], name))
+        else:  # nothing to preload: its full and lean zygotes are one and the same
+            found.append(Kind(kind_name(config, name, FULL),
+                              pools.pool_size + pools.lean_pool_size, [], name))
     if config.sessions.pool_size:  # notebook work: numpy, pandas and pyplot at hand
-        found.append(Kind(SESSION, config.sessions.pool_size,
-                          [*config.preload, "matplotlib.pyplot"]))
-    return found
+        definition = environment.get(config.default_environment).definition
+        found.append(Kind(SESSION, config.sessions.pool_size, list(definition.session_preload),
+                          config.default_environment))
+    return [kind for kind in found if kind.size]
 
 
-def kind_for(config: RunnerConfig, sources: list[str]) -> str:
-    """The lean pool, unless a source names a module only the full pool preloads. A wrong
-    guess costs time (the import happens in the run), never correctness."""
-    if not config.lean_pool_size or not config.preload:
-        return FULL
-    names = "|".join(re.escape(m.split(".")[0]) for m in config.preload)
+def kind_for(config: RunnerConfig, env: str, sources: list[str]) -> str:
+    """The environment's lean pool, unless a source names a module only its full pool
+    preloads (or it has no lean pool). A wrong guess costs time (the import happens in the
+    run), never correctness."""
+    preload = environment.get(env).definition.preload
+    pools = config.pools(env)
+    if not preload or not pools.lean_pool_size:
+        return kind_name(config, env, FULL)
+    if not pools.pool_size:
+        return kind_name(config, env, LEAN)
+    names = "|".join(re.escape(m.split(".")[0]) for m in preload)
     pattern = re.compile(rf"\b(?:{names})\b")
-    return FULL if any(pattern.search(source) for source in sources) else LEAN
+    full = any(pattern.search(source) for source in sources)
+    return kind_name(config, env, FULL if full else LEAN)
 
 
 def load(path: str | None) -> RunnerConfig:

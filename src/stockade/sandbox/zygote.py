@@ -46,10 +46,12 @@ from stockade.sandbox.plan import make_plan
 
 CPU_POLL_S = 0.01  # how often the run-wide CPU time is checked while a run is live
 EXIT_UNCLEAN = 3  # the zygote's exit status when it cannot prove a finished run is gone
-# What preloaded modules read as they load: one thread each, figures drawn to PNG, and
+# What preloaded modules read as they load: one thread each (pandas loads pyarrow where it
+# is installed, whose jemalloc would start a background thread), figures drawn to PNG, and
 # matplotlib's font cache where the image built it (runs see their own environment).
 PRELOAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
                "MKL_NUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1",
+               "JE_ARROW_MALLOC_CONF": "background_thread:false",
                "MPLBACKEND": "Agg", "MPLCONFIGDIR": "/usr/local/share/stockade/matplotlib"}
 log = logging.getLogger(__name__)
 
