@@ -15,7 +15,7 @@ import pytest
 
 from stockade.result import Result
 from stockade.runner import local
-from stockade.runner.config import SessionPolicy
+from stockade.runner.config import EnvironmentPools, SessionPolicy
 from stockade.runner.local import Client, NginxProcess, RunnerProcess
 from stockade.sandbox.cgroups import CgroupDriver
 from stockade.sandbox.config import SandboxConfig
@@ -90,10 +90,16 @@ def weak_sandbox() -> Iterator[Callable[[str], Sandbox]]:
 RUNNER_PORT, NGINX_PORT = 18080, 18081
 
 
+# The shared runner serves every environment besides the default, each with a container.
+OTHER_ENVIRONMENTS = {"python-3.13": EnvironmentPools(pool_size=1, lean_pool_size=0),
+                      "python-3.13-base": EnvironmentPools(pool_size=1, lean_pool_size=0)}
+
+
 @pytest.fixture(scope="session")
 def runner() -> Iterator[RunnerProcess]:
     config = local.runner_config(RUNNER_PORT, "stockade-t-",
-                                 sessions=SessionPolicy(pool_size=2, idle_timeout_s=120))
+                                 sessions=SessionPolicy(pool_size=2, idle_timeout_s=120),
+                                 environments=OTHER_ENVIRONMENTS)
     process = RunnerProcess(config)
     process.start()
     try:

@@ -15,14 +15,24 @@ import pytest
 
 from stockade.limits import LimitsIn
 from stockade.result import Result, Status
-from stockade.runner.channel import PoolStats
-from stockade.runner.config import FULL, LEAN, RunnerConfig, kind_for
+from stockade.runner.channel import EnvironmentInfo, PoolStats
+from stockade.runner.config import FULL, LEAN, EnvironmentPools, RunnerConfig, kind_for
 from stockade.runner.front import nginx, piston, schema
 from stockade.runner.front.api import retire_reason
+from stockade.runner.front.environments import Catalogue
 from stockade.runner.front.metrics import Metrics
 from stockade.runner.front.pool_client import Lease, connect_trusted
 from stockade.runner.manager.apparmor import PROFILE as APPARMOR_PROFILE
 from stockade.runner.manager.containers import ContainerError, apparmor_profile
+
+
+def _info(name: str, version: str, default: bool = False) -> EnvironmentInfo:
+    return EnvironmentInfo(name=name, language="python", version=version,
+                                  description="", default=default, packages=[], preloaded=[])
+
+
+CATALOGUE = Catalogue([_info("python-3.11", "3.11.2", default=True),
+                       _info("python-3.13", "3.13.5"), _info("python-3.13-base", "3.13.5")])
 
 
 @pytest.mark.parametrize(("sources", "kind"), [
@@ -34,11 +44,17 @@ from stockade.runner.manager.containers import ContainerError, apparmor_profile
 ])
 def test_runs_go_to_the_pool_that_preloads_what_they_name(sources: list[str],
                                                          kind: str) -> None:
-    assert kind_for(RunnerConfig(pool_size=1, lean_pool_size=1), sources) == kind
+    config = RunnerConfig(pool_size=1, lean_pool_size=1)
+    assert kind_for(config, "python-3.11", sources) == kind
+    assert kind_for(config, "python-3.13", sources) == f"python-3.13-{kind}"
 
 
 def test_without_a_lean_pool_everything_goes_to_the_full_one() -> None:
-    assert kind_for(RunnerConfig(pool_size=1, lean_pool_size=0), ["print(1)"]) == FULL
+    assert kind_for(RunnerConfig(pool_size=1, lean_pool_size=0), "python-3.11",
+                    ["print(1)"]) == FULL
+    # An environment with nothing to preload has one pool, whatever a run names.
+    assert kind_for(RunnerConfig(), "python-3.13-base", ["import numpy"]) == \
+        "python-3.13-base-full"
 
 
 @pytest.mark.parametrize(("bad", "message"), [
@@ -51,6 +67,9 @@ def test_without_a_lean_pool_everything_goes_to_the_full_one() -> None:
     ({"idmap_base": 1 << 30, "idmap_ranges": 40000}, "at most 4096"),
     ({"idmap_base": (1 << 31) - 65536}, r"must stay below 2\^31"),
     ({"pool_size": 1000}, "pool sizes are capped"),
+    ({"default_environment": "cobol"}, "no environment 'cobol'; defined: python-3.11, "),
+    ({"environments": {"python-2.7": EnvironmentPools()}}, "no environment 'python-2.7'"),
+    ({"environments": {"python-3.11": EnvironmentPools()}}, "names the default environment"),
 ])
 def test_config_refuses_what_cannot_work(bad: dict[str, int], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -80,21 +99,46 @@ def test_a_piston_request_becomes_a_native_one() -> None:
         run_cpu_time=-1, run_memory_limit=64 << 20,
         files=[piston.PistonFile("print(1)"), piston.PistonFile("ff00", encoding="hex"),
                piston.PistonFile("x", name="data.txt")])
-    native = piston.to_run_request(request, "3.11.2")
+    native = piston.to_run_request(request, CATALOGUE)
     assert native == schema.RunRequest(
-        code="print(1)", stdin="in", args=["-v"],
+        code="print(1)", environment="python-3.11", stdin="in", args=["-v"],
         files=[schema.FileIn("file1", "/wA=", "base64"), schema.FileIn("data.txt", "x")],
         limits=LimitsIn(wall_time_s=2.5, memory_mib=64))
 
 
 @pytest.mark.parametrize(("changes", "words"), [
-    ({"version": "2.7"}, "runtime is unknown"), ({"files": []}, "at least the program"),
+    ({"version": "2.7"}, "runtime is unknown: this host has python 3.11.2, 3.13.5"),
+    ({"version": "3.12.x"}, "runtime is unknown"), ({"version": "~3.13"}, "runtime is unknown"),
+    ({"files": []}, "at least the program"),
     ({"language": "ruby"}, "unknown language"), ({"run_timeout": -5}, "-1 or positive")])
 def test_piston_requests_refused_before_any_run(changes: dict[str, Any], words: str) -> None:
     fields: dict[str, Any] = {"language": "python", "files": [piston.PistonFile("")],
                               **changes}
     with pytest.raises(schema.ApiError, match=words):
-        piston.to_run_request(piston.PistonRequest(**fields), "3.11.2")
+        piston.to_run_request(piston.PistonRequest(**fields), CATALOGUE)
+
+
+@pytest.mark.parametrize(("version", "environment"), [
+    ("*", "python-3.11"), ("3", "python-3.11"), ("3.11", "python-3.11"),
+    ("3.11.2", "python-3.11"), ("3.13.x", "python-3.13"), ("3.13", "python-3.13"),
+    ("3.13.5", "python-3.13"), ("3.X.5", "python-3.13"), ("3.13.*", "python-3.13"),
+])
+def test_piston_versions_pick_the_first_environment_that_matches(version: str,
+                                                                 environment: str) -> None:
+    request = piston.PistonRequest(language="python", version=version,
+                                   files=[piston.PistonFile("print(1)")])
+    assert piston.to_run_request(request, CATALOGUE).environment == environment
+
+
+def test_an_unknown_environment_is_a_422_that_names_the_choices() -> None:
+    assert CATALOGUE.choose(None).name == "python-3.11"
+    assert CATALOGUE.choose("python-3.13-base").version == "3.13.5"
+    with pytest.raises(schema.ApiError) as caught:
+        CATALOGUE.choose("python-2.7")
+    error = caught.value
+    assert (error.status, error.code, error.field) == (422, "unknown_environment",
+                                                       "environment")
+    assert "python-3.11, python-3.13, python-3.13-base" in error.message
 
 
 def test_metrics_histogram_is_cumulative_and_labelled() -> None:
@@ -127,7 +171,7 @@ def test_metrics_histogram_is_cumulative_and_labelled() -> None:
 def test_the_wait_queue_is_sized_from_the_pool(containers: int, timeout: float, limit: int,
                                                expected: int) -> None:
     config = RunnerConfig(pool_size=containers, lean_pool_size=0, queue_timeout_s=timeout,
-                          queue_limit=limit)
+                          queue_limit=limit, environments={})
     assert config.wait_queue == expected
 
 

@@ -23,12 +23,31 @@ MAX_LINE = 4096
 MAX_HELLO = 65536
 
 
+class Package(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    version: str
+
+
+class EnvironmentInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An environment the manager serves, as `GET /v1/environments` shows it: its
+    interpreter, as its image has it, and every package a run may import beyond the
+    standard library (all locked by hash)."""
+
+    name: str
+    language: str
+    version: str  # the interpreter's full version
+    description: str
+    default: bool
+    packages: list[Package]
+    preloaded: list[str]  # imported before each fork, so free to import in a run
+
+
 class Hello(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="hello"):
     """Manager to a front that connected to it, once, with the listening socket attached:
-    the configuration the manager serves (so the two never disagree) and the image's
-    Python version."""
+    the configuration the manager serves (so the two never disagree) and what the images
+    of the environments it serves hold."""
 
-    python: str
+    environments: list[EnvironmentInfo]
     config: RunnerConfig
 
 

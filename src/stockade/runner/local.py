@@ -44,8 +44,10 @@ def runner_config(port: int, prefix: str, **overrides: Any) -> RunnerConfig:
         "max_body_kib": 1024,
         # Tests and benchmarks call without a key unless they test keys; /metrics included.
         "anonymous": Quota(runs_per_minute=1_000_000, sessions=2, scopes=["runs", "metrics"]),
-        # No session containers unless a test or benchmark is about sessions.
+        # No session containers unless a test or benchmark is about sessions, and only the
+        # default environment unless it is about environments.
         "sessions": SessionPolicy(pool_size=0),
+        "environments": {},
     }
     values.update(overrides)
     return RunnerConfig(**values)
@@ -119,9 +121,10 @@ class Client:
             time.sleep(0.05)
 
     def run(self, code: str, stdin: str = "", args: list[str] | None = None,
-            files: list[dict[str, str]] | None = None, **limits: Any) -> Result:
+            files: list[dict[str, str]] | None = None, environment: str | None = None,
+            **limits: Any) -> Result:
         payload = {"code": code, "stdin": stdin, "args": args or [], "files": files or [],
-                   "limits": limits}
+                   "limits": limits, "environment": environment}
         return self.post("/v1/runs", payload).result()
 
 

@@ -32,9 +32,12 @@ from pathlib import Path
 
 from aiohttp import web
 
+from stockade import environment
 from stockade.runner import channel, keys, logs
+from stockade.runner.channel import EnvironmentInfo, Package
 from stockade.runner.config import RunnerConfig, host_memory_mib, kinds, pool_memory_cap_mib
 from stockade.runner.front.api import Api, Runs
+from stockade.runner.front.environments import Catalogue
 from stockade.runner.front.metrics import Metrics
 from stockade.runner.front.pages import Pages
 from stockade.runner.front.pool_client import PoolClient, peer_credentials
@@ -69,18 +72,35 @@ def ensure_user(name: str) -> pwd.struct_passwd:
         return pwd.getpwnam(name)
 
 
-def ensure_image(config: RunnerConfig) -> None:
-    """The image this code needs: already here, or imported from its archive."""
-    if images.is_current(config):
-        return
-    archive = images.archive_path(config, Path(config.image_archive_dir))
-    if not archive.is_file():
-        raise ServiceError(
-            f"sandbox image {images.image_name(config)} is neither in {config.lxc_path} nor "
-            f"at {archive}: build it from this checkout with `make sandbox-image`, or put "
-            "the archive `stockade images export` writes there")
-    log.info(f"importing sandbox image from {archive}")
-    images.import_archive(config, archive)
+def ensure_images(config: RunnerConfig) -> None:
+    """The image each served environment needs (its lock and this code): already here, or
+    imported from its archive in `image_archive_dir`; else the runner does not start."""
+    for name in config.served:
+        env = environment.get(name)
+        if images.is_current(config, env):
+            continue
+        archive = images.archive_path(config, env, Path(config.image_archive_dir))
+        if not archive.is_file():
+            raise ServiceError(f"{images.missing_message(config, env)} (looked for it in "
+                               f"{config.lxc_path} and at {archive})")
+        log.info(f"importing the {name} image from {archive}")
+        images.import_archive(config, archive)
+
+
+def environment_infos(config: RunnerConfig) -> list[EnvironmentInfo]:
+    """What the front tells callers of each served environment, from its image's stamp."""
+    infos = []
+    for name in config.served:
+        env = environment.get(name)
+        stamp = images.read_stamp(images.image_dir(config, env))
+        if stamp is None:
+            raise ServiceError(images.missing_message(config, env))
+        packages = [Package(*pin.split("==", 1)) for pin in stamp.packages]
+        infos.append(EnvironmentInfo(
+            name=name, language=env.definition.language, version=stamp.python,
+            description=env.definition.description, default=name == config.default_environment,
+            packages=packages, preloaded=list(env.definition.preload)))
+    return infos
 
 
 def prepare_host(config: RunnerConfig) -> tuple[Containers, pwd.struct_passwd]:
@@ -88,7 +108,7 @@ def prepare_host(config: RunnerConfig) -> tuple[Containers, pwd.struct_passwd]:
     user = ensure_user(config.user)
     ensure_subid_ranges(config)
     try:
-        ensure_image(config)
+        ensure_images(config)
     except images.ImageError as exc:
         raise ServiceError(str(exc)) from None
     try:
@@ -176,10 +196,10 @@ def serve(config: RunnerConfig, external_front: bool = False) -> int:
     try:
         containers, user = prepare_host(config)
         listener = listen(config)
-        python = (images.read_stamp(config) or images.Stamp("", 0, "unknown", [])).python
+        envs = environment_infos(config)
         if external_front:
             return asyncio.run(serve_external_front(config, containers, user, listener,
-                                                    python))
+                                                    envs))
         pages = Pages()  # read as root: the checkout may be where the runner user cannot read
         manager_end, front_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         manager_pid = os.getpid()
@@ -193,7 +213,7 @@ def serve(config: RunnerConfig, external_front: bool = False) -> int:
                 libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
                 if os.getppid() != manager_pid:
                     raise ServiceError("the pool manager exited before the front started")
-                code = asyncio.run(front_main(config, front_end, listener, python, pages))
+                code = asyncio.run(front_main(config, front_end, listener, envs, pages))
             except BaseException as exc:  # report, then leave without running cleanup
                 log.error(f"the front failed: {type(exc).__name__}: {exc}")
             finally:
@@ -231,14 +251,14 @@ def release_host(config: RunnerConfig) -> None:
 
 async def serve_external_front(config: RunnerConfig, containers: Containers,
                                user: pwd.struct_passwd, listener: socket.socket,
-                               python: str) -> int:
+                               envs: list[EnvironmentInfo]) -> int:
     """Wait for `stockade front` (its own unit, the runner user), hand it the listener,
     then manage the pool for it as for a forked front. A stop before it comes is a stop."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    hello = channel.Hello(python=python, config=config)
+    hello = channel.Hello(environments=envs, config=config)
     accepting = asyncio.create_task(accept_front(config, user, listener, hello))
     stopped = asyncio.create_task(stopping.wait())
     await asyncio.wait([accepting, stopped], return_when=asyncio.FIRST_COMPLETED)
@@ -362,7 +382,7 @@ def front(socket_path: str, connect_timeout_s: float) -> int:
     conn = connect_manager(socket_path, connect_timeout_s)
     hello, listener = receive_hello(conn)
     confine.set_no_new_privs()
-    return asyncio.run(front_main(hello.config, conn, listener, hello.python, Pages(),
+    return asyncio.run(front_main(hello.config, conn, listener, hello.environments, Pages(),
                                   own_unit=True))
 
 
@@ -421,16 +441,18 @@ def receive_hello(conn: socket.socket) -> tuple[channel.Hello, socket.socket]:
 
 
 async def front_main(config: RunnerConfig, conn: socket.socket, listener: socket.socket,
-                     python: str, pages: Pages, *, own_unit: bool = False) -> int:
+                     envs: list[EnvironmentInfo], pages: Pages, *,
+                     own_unit: bool = False) -> int:
     """Serve HTTP until told to stop or the manager goes; `own_unit`: this process is its
     systemd unit's main process (it tells systemd when it serves)."""
     reader, writer = await asyncio.open_unix_connection(sock=conn)
     pool = PoolClient(reader, writer, [kind.name for kind in kinds(config)])
     ring = KeyRing(Path(config.keys_file))
-    runs = Runs(config, pool, Metrics(python))
+    catalogue = Catalogue(envs)
+    runs = Runs(config, pool, Metrics(catalogue.default.version))
     sessions = Sessions(config, runs)
     sessions.start()
-    app = Api(config, runs, Tenants(config, ring), python, pages, sessions=sessions).app()
+    app = Api(config, runs, Tenants(config, ring), catalogue, pages, sessions=sessions).app()
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.SockSite(runner, listener)

@@ -27,6 +27,7 @@ from stockade.runner import logs
 from stockade.runner.channel import ChannelError, PoolStats
 from stockade.runner.config import SESSION, RunnerConfig, kind_for
 from stockade.runner.front import metrics, openapi, piston, schema, streaming
+from stockade.runner.front.environments import Catalogue
 from stockade.runner.front.metrics import Metrics, RecycleReason, RejectReason
 from stockade.runner.front.pages import Pages
 from stockade.runner.front.pool_client import Lease, PoolClient, connect_trusted
@@ -119,10 +120,10 @@ class Runs:
             raise
 
     async def execute(self, job: client.Job, limits: Limits, tenant: Tenant,
-                      context: RunContext) -> Result:
+                      context: RunContext, environment: str) -> Result:
         sources = [job.code, *(f.content.decode("utf-8", "replace") for f in job.files
                                if f.name.endswith(".py"))]
-        kind = kind_for(self.config, sources)
+        kind = kind_for(self.config, environment, sources)
         self._admission_check(tenant)
         started = time.monotonic()
         self.metrics.queue_depth += 1
@@ -312,7 +313,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 class Api:
     def __init__(self, config: RunnerConfig, runs: Runs, tenants: Tenants,
-                 python_version: str, pages: Pages, *, sessions: Sessions) -> None:
+                 catalogue: Catalogue, pages: Pages, *, sessions: Sessions) -> None:
         self.config = config
         self.pages = pages
         self.runs = runs
@@ -320,7 +321,7 @@ class Api:
         self.pool = runs.pool
         self.metrics = runs.metrics
         self.tenants = tenants
-        self.python_version = python_version
+        self.catalogue = catalogue
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[request_ids, errors],
@@ -329,6 +330,7 @@ class Api:
         app.add_routes([
             web.post("/v1/runs", self.post_run),
             web.get("/v1/languages", self.get_languages),
+            web.get("/v1/environments", self.get_environments),
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),
             web.get("/metrics", self.get_metrics),
@@ -358,10 +360,12 @@ class Api:
                        events: streaming.RunEvents | None = None) -> Result:
         """Every run route's one path: the typed request becomes a job within the caller's
         quota, then a result (see `_public`)."""
+        env = self.catalogue.choose(request.environment)
         job, limits = schema.to_job(request, self.config)
         limits = tenant.within_quota(request.limits, limits)
         result = await self.runs.execute(job, limits, tenant,
-                                         RunContext(http["request_id"], http.path, events))
+                                         RunContext(http["request_id"], http.path, events),
+                                         env.name)
         return _public(result, http["request_id"])
 
     async def post_run(self, request: web.Request) -> web.StreamResponse:
@@ -456,11 +460,15 @@ class Api:
         return web.Response(status=204)
 
     def _language(self) -> schema.Language:
-        return schema.Language(name=schema.LANGUAGE, version=self.python_version,
-                               aliases=schema.ALIASES, preloaded=self.config.preload)
+        default = self.catalogue.default
+        return schema.Language(name=schema.LANGUAGE, version=default.version,
+                               aliases=schema.ALIASES, preloaded=default.preloaded)
 
     async def get_languages(self, _request: web.Request) -> web.Response:
         return _json(schema.Languages([self._language()], self.config.limits))
+
+    async def get_environments(self, _request: web.Request) -> web.Response:
+        return _json(self.catalogue.listing())
 
     async def healthz(self, _request: web.Request) -> web.Response:
         if self.pool.closed.done():
@@ -499,12 +507,12 @@ class Api:
     # -- Piston v2 ---------------------------------------------------------------------------
 
     async def piston_runtimes(self, _request: web.Request) -> web.Response:
-        return _json([piston.PistonRuntime(schema.LANGUAGE, self.python_version,
-                                           schema.ALIASES)])
+        return _json([piston.PistonRuntime(schema.LANGUAGE, env.version, schema.ALIASES,
+                                           env.name) for env in self.catalogue.infos])
 
     async def piston_execute(self, request: web.Request) -> web.Response:
         tenant = await self._caller(request, "runs")
         body = schema.decode(await request.read(), piston.PistonRequest)
-        result = await self._execute(request, tenant,
-                                     piston.to_run_request(body, self.python_version))
-        return _json(piston.to_response(result, self.python_version))
+        run = piston.to_run_request(body, self.catalogue)
+        result = await self._execute(request, tenant, run)
+        return _json(piston.to_response(result, self.catalogue.choose(run.environment).version))

@@ -143,9 +143,11 @@ def _get(summary: str, body: dict[str, Any], *error_codes: int) -> dict[str, Any
 
 
 @functools.cache
-def _document(limits: bytes, anonymous: tuple[str, ...]) -> dict[str, Any]:
+def _document(limits: bytes, anonymous: tuple[str, ...],
+              environments: tuple[str, ...]) -> dict[str, Any]:
     _, components = msgspec.json.schema_components(
-        [schema.RunRequest, Result, schema.ErrorBody, schema.Languages, schema.SessionRequest,
+        [schema.RunRequest, Result, schema.ErrorBody, schema.Languages, schema.Environments,
+         schema.SessionRequest,
          schema.SessionInfo, schema.SessionList, schema.CellRequest, schema.CellResult,
          schema.SessionFiles,
          piston.PistonRequest, piston.PistonResponse, piston.PistonRuntime, piston.PistonError],
@@ -167,6 +169,8 @@ def _document(limits: bytes, anonymous: tuple[str, ...]) -> dict[str, Any]:
             **_session_paths(),
             "/v1/languages": _get("Languages, versions, preloads and limits.",
                                   _json_body("Languages", "What runs here.")),
+            "/v1/environments": _get("Environments: each one's Python and packages.",
+                                     _json_body("Environments", "What a run may pick.")),
             "/healthz": _get("The runner is alive.", _json_body(status, "Alive."), 503),
             "/readyz": _get("The pool is warm.", _json_body(status, "Ready."), 503),
             "/metrics": _get("Prometheus metrics.", text),
@@ -180,7 +184,8 @@ def _document(limits: bytes, anonymous: tuple[str, ...]) -> dict[str, Any]:
                 "responses": {"200": _json_body("PistonResponse", "Piston's answer."),
                               **_errors("PistonError", 400, 413, 422, 503, 500)}}},
         },
-        "components": {"schemas": _with_limit_ranges(components, limits)},
+        "components": {"schemas": _with_environments(
+            _with_limit_ranges(components, limits), environments)},
     }
     return _with_request_ids(_with_keys(document, anonymous))
 
@@ -221,6 +226,15 @@ def _with_limit_ranges(components: dict[str, Any], limits: bytes) -> dict[str, A
     return components
 
 
+def _with_environments(components: dict[str, Any],
+                       environments: tuple[str, ...]) -> dict[str, Any]:
+    """The environments this host serves, as the only names a run may give."""
+    for variant in components["RunRequest"]["properties"]["environment"]["anyOf"]:
+        if variant.get("type") == "string":
+            variant["enum"] = list(environments)
+    return components
+
+
 def document(config: RunnerConfig) -> dict[str, Any]:
     scopes = tuple(config.anonymous.scopes) if config.anonymous else ()
-    return _document(msgspec.json.encode(config.limits), scopes)
+    return _document(msgspec.json.encode(config.limits), scopes, tuple(config.served))

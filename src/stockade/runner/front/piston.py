@@ -11,6 +11,7 @@ import msgspec
 
 from stockade.limits import LimitsIn
 from stockade.result import Result, Status
+from stockade.runner.front.environments import Catalogue
 from stockade.runner.front.schema import (
     LANGUAGE,
     ApiError,
@@ -66,6 +67,9 @@ class PistonRuntime(msgspec.Struct, frozen=True):
     language: str
     version: str
     aliases: list[str]
+    # Piston names a runtime where one language has several; here, the environment (a
+    # request picks it by version: the first that matches, the default first).
+    runtime: str | None = None
 
 
 class PistonError(msgspec.Struct, frozen=True):
@@ -75,13 +79,6 @@ class PistonError(msgspec.Struct, frozen=True):
 
 
 # -- translation -------------------------------------------------------------------------
-
-def check_version(request: PistonRequest, python_version: str) -> None:
-    if request.version not in ("*", python_version) and not (
-            python_version.startswith(request.version + ".")):
-        raise ApiError(400, "unknown_language",
-                       f"{request.language}-{request.version} runtime is unknown", "version")
-
 
 def _program(request: PistonRequest) -> str:
     if not request.files:
@@ -103,10 +100,13 @@ def _file(index: int, item: PistonFile) -> FileIn:
     return FileIn(name, base64.b64encode(raw).decode(), "base64")
 
 
-def to_run_request(request: PistonRequest, python_version: str) -> RunRequest:
-    check_version(request, python_version)
+def to_run_request(request: PistonRequest, catalogue: Catalogue) -> RunRequest:
+    """Piston's request as a native one, in the first environment whose Python matches
+    its `version`."""
+    env = catalogue.for_piston(request.language, request.version)
     check_language(request.language)
-    return RunRequest(code=_program(request), stdin=request.stdin, args=request.args,
+    return RunRequest(code=_program(request), environment=env.name, stdin=request.stdin,
+                      args=request.args,
                       files=[_file(i, f) for i, f in enumerate(request.files[1:], start=1)],
                       limits=_limits(request))
 

@@ -141,11 +141,13 @@ class PoolClient:
         self.idle[kind].append(lease)
 
     async def acquire(self, kind: str, caller: str = "") -> Lease:
-        """An idle container of `kind` (the first kind if it has none configured); when
-        none is idle, `caller` waits its turn among the callers waiting for one."""
+        """An idle container of `kind`; when none is idle, `caller` waits its turn among
+        the callers waiting for one. A kind with no pool is refused, never served from
+        another: its containers may be another environment's."""
         if self.closed.done():
             raise ChannelError(f"the pool manager is gone: {self.closed.result()}")
-        kind = kind if kind in self.idle else self.kinds[0]
+        if kind not in self.idle:
+            raise LookupError(f"no pool of kind {kind!r} (the pools are {self.kinds})")
         if self.idle[kind]:
             self.leased += 1
             return self.idle[kind].popleft()

@@ -11,13 +11,14 @@ import base64
 import binascii
 import math
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from stockade import protocol
 from stockade.limits import LimitError, LimitPolicy, Limits, LimitsIn
 from stockade.result import Result
+from stockade.runner.channel import EnvironmentInfo
 from stockade.runner.config import RunnerConfig
 from stockade.sandbox.client import Job
 
@@ -58,9 +59,14 @@ class FileIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     encoding: Literal["utf8", "base64"] = "utf8"
 
 
+EnvironmentName = Annotated[str, msgspec.Meta(max_length=64)]
+
+
 class RunRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     code: str
     language: LanguageName = "python"
+    # Which Python and packages (GET /v1/environments); null or left out: the default.
+    environment: EnvironmentName | None = None
     stdin: str = ""
     args: list[str] = []
     files: list[FileIn] = []
@@ -77,6 +83,11 @@ class Language(msgspec.Struct, frozen=True):
 class Languages(msgspec.Struct, frozen=True):
     languages: list[Language]
     limits: LimitPolicy
+
+
+class Environments(msgspec.Struct, frozen=True):
+    default: str
+    environments: list[EnvironmentInfo]
 
 
 # -- sessions ------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 import lxc  # type: ignore[import-untyped]
 import msgspec
 
+from stockade import environment
 from stockade.limits import LimitPolicy
 from stockade.runner.config import SESSION_TTL_BACKSTOP_S, RunnerConfig
 from stockade.runner.manager import apparmor, container_policy, images, layout
@@ -156,13 +157,14 @@ class Containers:
         os.chown(directory, root, self.runner_gid)
         return directory
 
-    def start(self, name: str, preload: list[str]) -> None:
-        """Clone, configure and start a container (its zygote is still loading)."""
-        image = images.image_name(self.config)
+    def start(self, name: str, env: str, preload: list[str]) -> None:
+        """Clone the environment's image, configure and start the clone (its zygote is
+        still loading)."""
+        definition = environment.get(env)
+        image = images.image_name(self.config, definition)
         base = lxc.Container(image, self.lxc_path)
         if not base.defined:
-            raise ContainerError(f"the sandbox image {image} is missing: "
-                                 "run `make sandbox-image`")
+            raise ContainerError(images.missing_message(self.config, definition))
         try:
             root = self.ranges.take(name)
             directory = self._socket_dir(name, preload, root)

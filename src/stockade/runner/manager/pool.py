@@ -1,6 +1,7 @@
-"""The privileged pool manager: keeps warm containers of each kind (a lean one preloading
-the standard library, a full one preloading numpy and pandas), hands each to the front as
-soon as its zygote serves, and replaces every container the front hands back dirty.
+"""The privileged pool manager: keeps warm containers of each kind (per environment, a lean
+one preloading the standard library and a full one preloading what the environment names,
+numpy and pandas; sessions' apart), hands each to the front as soon as its zygote serves,
+and replaces every container the front hands back dirty.
 
 It runs as root (LXC, cgroups) and does nothing else: no HTTP, no request parsing. It
 trusts nothing the front says beyond the channel's schema: a recycle of a container it
@@ -90,7 +91,7 @@ class Pool:
             self.starting -= 1
 
     def _start(self, name: str) -> None:
-        self.containers.start(name, self.kind.preload)
+        self.containers.start(name, self.kind.environment, self.kind.preload)
 
     async def _await_serving(self, name: str) -> None:
         """Wait for the zygote off the LXC thread, so other starts and stops go on."""
