@@ -144,7 +144,8 @@ dist: install sandbox-image ## The runner's wheels and the sandbox images' archi
 image: test-packages dist ## Build both images: the sandbox's (images/) and the host's qcow2 (images/host/) (root).
 	@$(STEP) "building the host image: Packer, Ansible, then a qcow2" "~5 min" \
 		$(LOGS)/host-image.log "make image STEP_VERBOSE=1 PACKER_LOG=1" -- \
-		packer/scripts/build-host-image $(BIN) $(HOST_IMAGE_DIR) '$(GIT_COMMIT)' '$(BUILD_TIME)'
+		packer/scripts/build-host-image $(BIN) $(HOST_IMAGE_DIR) '$(GIT_COMMIT)' '$(BUILD_TIME)' \
+		$(ENVS)
 	@for f in $(HOST_IMAGE_DIR)/*; do echo "image: $(CURDIR)/$$f"; done
 
 # What the image test and the rolling test use: rebuilt unless images/host was built from
@@ -204,7 +205,7 @@ lint: install-test ## ruff, mypy, ansible-lint (production profile), packer vali
 	PATH=$(CURDIR)/$(BIN):$$PATH packer validate -var stage=/nonexistent -var output=/nonexistent \
 		packer/sandbox.pkr.hcl
 	PATH=$(CURDIR)/$(BIN):$$PATH packer validate -var wheelhouse=/nonexistent \
-		-var sandbox_archive=/nonexistent -var output=/nonexistent -var version=0 \
+		-var 'sandbox_archives=["/nonexistent"]' -var output=/nonexistent -var version=0 \
 		-var commit=0 -var build_time=1970-01-01T00:00:00Z packer/host.pkr.hcl
 
 bench: test-packages install ## Latency, throughput and memory vs bare interpreter spawns (not a test).

@@ -14,9 +14,9 @@ variable "wheelhouse" {
   description = "The runner's wheels `make dist` wrote (dist/wheelhouse)."
 }
 
-variable "sandbox_archive" {
-  type        = string
-  description = "The sandbox image archive `make dist` wrote (stockade-sandbox-<digest>.tar.gz)."
+variable "sandbox_archives" {
+  type        = list(string)
+  description = "The environments' sandbox image archives `make dist` wrote (stockade-sandbox-<environment>-<digest>.tar.gz): the image carries and serves these environments."
 }
 
 variable "output" {
@@ -72,7 +72,7 @@ locals {
   ])
   ansible_vars = [
     "-e", "runner_wheelhouse=${var.wheelhouse}",
-    "-e", "sandbox_images_archive=${var.sandbox_archive}",
+    "-e", jsonencode({ sandbox_images_archives = var.sandbox_archives }),
     "-e", "host_image_version=${var.version}",
     "-e", "host_image_commit=${var.commit}",
     "-e", "host_image_build_time=${var.build_time}",

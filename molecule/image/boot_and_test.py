@@ -35,7 +35,7 @@ from conftest import SSH_OPTIONS, free_port  # noqa: E402 - the tests' own ssh o
 SUITES = [MOLECULE / "hardening" / "tests", MOLECULE / "runner" / "tests", HERE / "tests"]
 # Done at image build time, not at the runner's first start: tests/test_host_image.py checks the
 # image's own version of it.
-DESELECT = ["runner/tests/test_image.py::test_runner_imported_the_archived_image"]
+DESELECT = ["runner/tests/test_image.py::test_runner_imported_the_archived_images"]
 CONSOLE_TAIL = 60
 CONSOLE_KEPT = MOLECULE.parent / "build" / "logs" / "image-test-console.log"
 GATEWAY = "10.0.2.2"  # qemu's user-mode network: where the guest sees this host

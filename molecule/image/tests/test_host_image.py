@@ -91,12 +91,14 @@ def test_no_package_caches_were_shipped(host: testinfra.host.Host) -> None:
 
 def test_sandbox_containers_were_prebuilt_into_the_image(host: testinfra.host.Host,
                                                          release: dict[str, str]) -> None:
-    image = release["STOCKADE_SANDBOX_IMAGE"]
-    stamp = json.loads(host.file(
-        f"/var/lib/stockade/containers/{image}/stockade-image.json").content_string)
-    assert image.endswith(stamp["digest"][:12])
+    names = release["STOCKADE_SANDBOX_IMAGES"].split(",")
+    assert len(names) >= 2  # the environments the image's variables name
+    for image in names:
+        stamp = json.loads(host.file(
+            f"/var/lib/stockade/containers/{image}/stockade-image.json").content_string)
+        assert image == f"stockade-sandbox-{stamp['environment']}-{stamp['digest'][:12]}"
     journal = host.check_output("journalctl --unit stockade-runner --no-pager --output cat")
-    assert "importing sandbox image" not in journal  # it was there before the first start
+    assert " image from " not in journal  # each was there before the first start
 
 
 def test_the_host_runs_the_unified_cgroup_hierarchy(host: testinfra.host.Host) -> None:

@@ -10,8 +10,10 @@ from typing import Any
 from conftest import Caller
 
 
-def post_run(caller: Caller, code: str, timeout: float = 60, **limits: Any) -> dict[str, Any]:
-    request = caller.request("/v1/runs", {"code": code, "limits": limits})
+def post_run(caller: Caller, code: str, timeout: float = 60, environment: str | None = None,
+             **limits: Any) -> dict[str, Any]:
+    request = caller.request("/v1/runs", {"code": code, "limits": limits,
+                                          "environment": environment})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as answer:
             record: dict[str, Any] = json.load(answer)
