@@ -19,7 +19,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from stockade.runner.local import NginxProcess, RunnerProcess, runner_config
 from support.runners import own_runner
@@ -141,6 +141,25 @@ def test_a_program_typed_and_run_shows_its_output(browser: WebDriver, page: str)
     assert browser.find_element(By.ID, "stdout").text == "hello, browser ['-v']"
     assert "exit 0" in browser.find_element(By.ID, "facts").text
     shot(browser, "ok")
+
+
+def test_a_run_goes_to_the_environment_chosen(browser: WebDriver, page: str) -> None:
+    picker = Select(browser.find_element(By.ID, "environment"))
+    wait(browser, "the environments", lambda d: len(picker.options) == 3)
+    assert picker.first_selected_option.get_attribute("value") == "python-3.11"
+    assert [o.get_attribute("value") for o in picker.options] == [
+        "python-3.11", "python-3.13", "python-3.13-base"]
+    assert "standard library" in picker.options[2].text
+    picker.select_by_value("python-3.13")
+    type_program(browser, "import sys, sklearn\nprint(sys.version_info[:2])")
+    run_and_wait(browser, "ok")
+    assert browser.find_element(By.ID, "stdout").text == "(3, 13)"
+    # A session runs in the default environment: keeping state picks it, and holds it.
+    browser.find_element(By.ID, "keep").click()
+    assert picker.first_selected_option.get_attribute("value") == "python-3.11"
+    assert not browser.find_element(By.ID, "environment").is_enabled()
+    browser.find_element(By.ID, "keep").click()
+    assert browser.find_element(By.ID, "environment").is_enabled()
 
 
 def test_output_shows_while_the_program_still_runs(browser: WebDriver, page: str) -> None:

@@ -1,5 +1,5 @@
 // The playground: one page over the runner's own API (POST /v1/runs, the /v1/sessions
-// routes, GET /v1/languages, GET /openapi.json). Program output is only ever text
+// routes, GET /v1/languages, GET /v1/environments, GET /openapi.json). Program output is only ever text
 // (textContent); files a run leaves in out/ are downloads, and only PNG/JPEG/GIF images and
 // HTML are shown (a session's values too), the HTML in a sandboxed frame with no scripts. The API key, where one is needed, lives in this tab's
 // sessionStorage only.
@@ -98,8 +98,6 @@
     const answer = await fetch("/v1/languages");
     if (!answer.ok) return;
     const info = await answer.json();
-    const language = info.languages[0];
-    $("version").textContent = `${language.name} ${language.version}`;
     state.limits = info.limits;
     const box = document.createElement("div");
     box.className = "limits";
@@ -115,6 +113,33 @@
       box.append(label, input);
     }
     $("limits").append(box);
+  }
+
+  // Each environment the runner serves; a run goes to the one chosen, sessions (which run
+  // in the default one) keep the choice on the default while they last.
+  async function loadEnvironments() {
+    const answer = await fetch("/v1/environments");
+    if (!answer.ok) return;
+    const listing = await answer.json();
+    for (const env of listing.environments) {
+      const option = document.createElement("option");
+      option.value = env.name;
+      const extra = env.packages.filter((p) => p.name !== "msgspec").length;
+      option.textContent = `Python ${env.version}` + (extra ? `, ${extra} packages` : ", standard library")
+        + (env.default ? " (default)" : "");
+      option.title = env.description;
+      option.selected = env.default;
+      $("environment").append(option);
+    }
+    state.defaultEnvironment = listing.default;
+  }
+
+  function keepChanged() {
+    if ($("keep").checked && state.defaultEnvironment) {
+      $("environment").value = state.defaultEnvironment;
+    }
+    $("environment").disabled = $("keep").checked;
+    if (!$("keep").checked) endSession();
   }
 
   async function loadSecurity() {
@@ -172,8 +197,8 @@
 
   function request() {
     const args = $("args").value === "" ? [] : $("args").value.replace(/\n$/, "").split("\n");
-    return { code: $("code").value, stdin: $("stdin").value, args, files: state.files,
-             limits: limitsAsked() };
+    return { code: $("code").value, environment: $("environment").value || null,
+             stdin: $("stdin").value, args, files: state.files, limits: limitsAsked() };
   }
 
   function headers(accept) {
@@ -435,9 +460,7 @@
     $("files").addEventListener("change", readFiles);
     $("run").addEventListener("click", run);
     $("end-session").addEventListener("click", endSession);
-    $("keep").addEventListener("change", () => {
-      if (!$("keep").checked) endSession();
-    });
+    $("keep").addEventListener("change", keepChanged);
     window.addEventListener("pagehide", () => {  // a tab closed ends its session at once
       if (state.session) {
         fetch(`/v1/sessions/${state.session}`, { method: "DELETE", keepalive: true,
@@ -461,6 +484,7 @@
     });
     redraw();
     loadLanguages();
+    loadEnvironments();
     loadSecurity();
   }
 
