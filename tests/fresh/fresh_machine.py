@@ -9,7 +9,8 @@ else: no LXC, no template cache, no venv. It gets this machine's apt and pip con
 so that the package registries are reached as they are here, and a clean clone of HEAD.
 Then it runs the README's set-up command exactly, in the background, and passes only when
 /readyz answers, a hello-world run and a pandas run are `ok` through the API and through
-the README's `stockade run`, and `make uninstall` then leaves nothing behind.
+the README's `stockade run`, every environment the set-up built answers with its own Python,
+and `make uninstall` then leaves nothing behind.
 
 Standard library only: it runs before any venv exists. Everything it makes (the container,
 its cgroups, LXC's cache for it, the bridge if it started it) is removed on every path; its
@@ -229,8 +230,8 @@ def run_setup(command: str) -> None:
     raise FreshTestError(f"the runner was not ready within {SETUP_TIMEOUT_S} s")
 
 
-def post_run(code: str) -> dict[str, object]:
-    body = shlex.quote(json.dumps({"code": code}))
+def post_run(code: str, environment: str | None = None) -> dict[str, object]:
+    body = shlex.quote(json.dumps({"code": code, "environment": environment}))
     done = attach(f"curl -sS -H 'Content-Type: application/json' -d {body} {URL}/v1/runs")
     return json.loads(done.stdout)  # type: ignore[no-any-return]
 
@@ -244,7 +245,22 @@ def check_runs() -> None:
         say(f"{label} run: ok in {record['wall_time_s']} s wall")
     done = attach(f"cd {CHECKOUT} && .venv/bin/stockade run examples/hello.py")
     say(f"stockade run examples/hello.py: {done.stdout.strip()!r}")
+    check_environments()
     check_stream()
+
+
+def check_environments() -> None:
+    """Each environment the default config serves (Debian 12's Python and Debian 13's, built
+    from their locks on this pristine machine) runs code in its own interpreter."""
+    listing = json.loads(attach(f"curl -fsS {URL}/v1/environments").stdout)
+    names = [env["name"] for env in listing["environments"]]
+    if not {"python-3.11", "python-3.13"} <= set(names):
+        raise FreshTestError(f"the default config serves {names}, not both Pythons")
+    for env in listing["environments"]:
+        record = post_run("import sys; print(sys.version.split()[0])", env["name"])
+        if record.get("status") != "ok" or record.get("stdout") != env["version"] + "\n":
+            raise FreshTestError(f"a run in {env['name']} is not ok: {record}")
+        say(f"{env['name']}: Python {env['version']}, {len(env['packages'])} packages: ok")
 
 
 def check_stream() -> None:
@@ -293,6 +309,18 @@ def check_pages() -> None:
     say("the playground and the API docs: served, Swagger UI vendored")
 
 
+def keep_image_archives() -> None:
+    """The environments' image archives the set-up built, into this checkout's images/:
+    each is named by its digest, so `make sandbox-image` here imports one (checked against
+    that digest) rather than build the same image again. A cache within a run: it never
+    stands in for the set-up this test proves, which has run by now."""
+    built = ROOTFS / CHECKOUT.lstrip("/") / "images"
+    (REPO / "images").mkdir(exist_ok=True)
+    for archive in sorted(built.glob("stockade-sandbox-*.tar.gz")):
+        shutil.copyfile(archive, REPO / "images" / archive.name)
+        say(f"kept {archive.name} in images/ ({archive.stat().st_size >> 20} MiB)")
+
+
 def check_uninstall() -> None:
     attach("pkill -INT -f '[s]tockade serve'; for i in $(seq 60); do "
            "pgrep -f '[s]tockade serve' >/dev/null || exit 0; sleep 1; done; exit 1", timeout=90)
@@ -334,6 +362,7 @@ def main() -> int:
                 check_runs()
                 check_session()
                 check_pages()
+                keep_image_archives()
                 check_uninstall()
             finally:
                 keep_logs()
