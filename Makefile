@@ -214,6 +214,7 @@ bench: test-packages install ## Latency, throughput and memory vs bare interpret
 	$(BIN)/python bench/bench_neighbours.py
 	$(BIN)/python bench/bench_layers.py
 	$(BIN)/python bench/bench_sessions.py
+	$(BIN)/python bench/bench_environments.py
 
 soak: install ## 10 minutes of mixed good and hostile load; checks nothing grows (not in CI).
 	$(BIN)/python bench/soak.py $(if $(SOAK_S),--seconds $(SOAK_S))
