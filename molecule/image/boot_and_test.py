@@ -157,8 +157,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image-dir", type=Path, default=Path("images/host"),
                         help="what `make image` wrote (default images/host)")
-    parser.add_argument("--boot-timeout", type=float, default=600,
-                        help="seconds to wait for ssh, then for /readyz (default 600)")
+    parser.add_argument("--boot-timeout", type=float, default=900,
+                        help="seconds to wait for ssh, then for /readyz (default 900)")
     parser.add_argument("--memory-mib", type=int, default=4096)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("pytest_args", nargs="*", help="passed on to pytest (after --)")
