@@ -260,7 +260,8 @@ def check_environments() -> None:
         record = post_run("import sys; print(sys.version.split()[0])", env["name"])
         if record.get("status") != "ok" or record.get("stdout") != env["version"] + "\n":
             raise FreshTestError(f"a run in {env['name']} is not ok: {record}")
-        say(f"{env['name']}: Python {env['version']}, {len(env['packages'])} packages: ok")
+        say(f"{env['name']}: Python {env['version']}, packages: "
+            f"{', '.join(p['name'] for p in env['packages'])}: ok")
 
 
 def check_stream() -> None:
