@@ -103,7 +103,7 @@ def test_piston_picks_the_environment_by_version(runner: RunnerProcess, env: str
     version = next(r["version"] for r in runtimes if r.get("runtime") == env)
     answer = runner.post("/api/v2/execute", {
         "language": "python", "version": f"{python}.x", "run_timeout": 20000,
-        "files": [{"content": PROBE}]})
+        "run_cpu_time": 10000, "files": [{"content": PROBE}]})
     assert answer.status == 200, answer.body
     body = answer.json()
     assert (body["language"], body["version"]) == ("python", version)
