@@ -151,27 +151,38 @@ def get(name: str) -> Environment:
                               f"{', '.join(names())}") from None
 
 
+def canonical_name(name: str) -> str:
+    """A distribution's name as the lock writes it (PEP 503: `scikit_learn` is
+    `scikit-learn`)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def _wheel_pin(path: Path) -> tuple[str, str]:
     match = _WHEEL.match(path.name)
     if not match:
         raise DefinitionError(f"not a wheel's name: {path.name}")
-    return re.sub(r"[-_.]+", "-", match[1]).lower(), match[2]
+    return canonical_name(match[1]), match[2]
+
+
+def pip_download(python: str, dest: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`pip download` of wheels only, for CPython `python` on manylinux on this machine's
+    architecture: what an environment's image installs, for its lock and its build."""
+    machine = os.uname().machine
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-input",
+         "--disable-pip-version-check", "--only-binary=:all:", "--implementation", "cp",
+         "--python-version", python, "--platform", f"manylinux2014_{machine}",
+         "--platform", f"manylinux_2_28_{machine}", "--dest", str(dest), *args],
+        capture_output=True, text=True, check=False)
 
 
 def lock(env: Environment) -> str:
     """Resolve the set and the sandbox's requirements for the environment's Python (wheels
     only, manylinux on this machine's architecture), and the installer; return the lock:
     each wheel pinned by version and sha256."""
-    machine = os.uname().machine
     installer = f"{INSTALLER}=={INSTALLER_VERSION}"
     with tempfile.TemporaryDirectory(prefix="stockade-lock-") as dest:
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-input",
-             "--disable-pip-version-check", "--only-binary=:all:", "--implementation", "cp",
-             "--python-version", env.definition.python,
-             "--platform", f"manylinux2014_{machine}", "--platform", f"manylinux_2_28_{machine}",
-             "--dest", dest, installer, *env.requested()],
-            capture_output=True, text=True, check=False)
+        proc = pip_download(env.definition.python, Path(dest), installer, *env.requested())
         if proc.returncode != 0:
             tail = "\n".join(proc.stderr.strip().splitlines()[-10:])
             raise DefinitionError(f"pip download for {env.name} failed: {tail}")
@@ -182,7 +193,7 @@ def lock(env: Environment) -> str:
             lines.append(f"{name}=={version} --hash=sha256:{digest}")
     header = [f"# {env.name}: the {env.definition.packages} set, the sandbox's own "
               "requirements and the installer,",
-              f"# for CPython {env.definition.python} on manylinux {machine}, each wheel "
-              "pinned by its sha256.",
+              f"# for CPython {env.definition.python} on manylinux {os.uname().machine}, "
+              "each wheel pinned by its sha256.",
               f"# Written by `make lock ENV={env.name}`: do not edit."]
     return "\n".join([*header, *sorted(lines)]) + "\n"

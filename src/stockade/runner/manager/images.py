@@ -22,7 +22,6 @@ import re
 import shutil
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,13 +132,9 @@ def stage(env: Environment, directory: Path) -> Path:
     (wheels / "install.lock").write_text("".join(
         f"{name}=={version} --hash=sha256:{sha}\n" for name, version, sha in pins
         if name != environment.INSTALLER))
-    machine = os.uname().machine
-    _run([sys.executable, "-m", "pip", "download", "--quiet", "--no-input",
-          "--disable-pip-version-check", "--only-binary=:all:", "--no-deps",
-          "--require-hashes", "--implementation", "cp",
-          "--python-version", env.definition.python, "--platform", f"manylinux2014_{machine}",
-          "--platform", f"manylinux_2_28_{machine}", "--dest", str(wheels),
-          "--requirement", str(wheels / "requirements.lock")], f"pip download for {env.name}")
+    _check(environment.pip_download(
+        env.definition.python, wheels, "--no-deps", "--require-hashes",
+        "--requirement", str(wheels / "requirements.lock")), f"pip download for {env.name}")
     installed = {name for name, _, _ in pins}
     (directory / "build.json").write_text(json.dumps({
         "sandbox_python": env.definition.python,
@@ -229,7 +224,7 @@ def installed_distributions(site: Path) -> set[tuple[str, str]]:
     found = set()
     for info in site.glob("*.dist-info"):
         name, _, version = info.name.removesuffix(".dist-info").partition("-")
-        found.add((re.sub(r"[-_.]+", "-", name).lower(), version))
+        found.add((environment.canonical_name(name), version))
     return found
 
 
@@ -366,7 +361,10 @@ def tree_size(top: Path) -> int:
 
 
 def _run(argv: list[str], what: str) -> None:
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    _check(subprocess.run(argv, capture_output=True, text=True, check=False), what)
+
+
+def _check(proc: subprocess.CompletedProcess[str], what: str) -> None:
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
         raise ImageError(f"{what} failed (exit {proc.returncode}): " + "\n".join(tail))
