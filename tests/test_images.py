@@ -122,10 +122,12 @@ def test_serve_refuses_an_image_of_another_lock_and_says_how_to_build(tmp_path: 
     """A new lock names a new image: the old one stays beside it, and is never served."""
     lxc = tmp_path / "lxc"
     old = lxc / f"stockade-sandbox-{BASE.name}-000000000000"
-    (old / "rootfs" / "usr").mkdir(parents=True)
-    (old / images.STAMP).write_text(json.dumps({
-        "digest": "0" * 64, "built_at": 0, "python": "3.13.5", "packages": [],
-        "environment": BASE.name}))
+    other = lxc / f"stockade-sandbox-{BASE.name}-extra-000000000000"  # not BASE's
+    for image in (old, other):
+        (image / "rootfs" / "usr").mkdir(parents=True)
+        (image / images.STAMP).write_text(json.dumps({
+            "digest": "0" * 64, "built_at": 0, "python": "3.13.5", "packages": [],
+            "environment": BASE.name}))
     cfg = config_file(tmp_path, lxc_path=str(lxc), image_archive_dir=str(tmp_path / "none"),
                       port=18099, run_dir=str(tmp_path / "run"),
                       default_environment=BASE.name, environments={})

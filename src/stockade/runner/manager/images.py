@@ -108,8 +108,9 @@ def is_current(config: RunnerConfig, env: Environment) -> bool:
 
 def missing_message(config: RunnerConfig, env: Environment) -> str:
     """Why an environment cannot be served, and how to build what it needs."""
+    named = re.compile(rf"{re.escape(config.image)}-{re.escape(env.name)}-[0-9a-f]{{12}}")
     older = sorted(p.name for p in Path(config.lxc_path).glob(f"{config.image}-{env.name}-*")
-                   if (p / STAMP).exists())
+                   if named.fullmatch(p.name) and (p / STAMP).exists())
     found = (f" (this host has {', '.join(older)}, built from another lock or sandbox code)"
              if older else "")
     return (f"environment {env.name} needs the image {image_name(config, env)}, made of its "
