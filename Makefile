@@ -105,7 +105,8 @@ ENV_FLAGS = $(foreach e,$(ENVS),--environment $(e))
 # Packer (lxc builder, provisioned by ansible/sandbox.yml) builds each environment's rootfs;
 # stockade checks it carries this checkout's sandbox code and the environment's locked
 # packages, shifts it into the containers' uid range, installs it for the runner here and
-# archives it under images/ for other hosts (older archives there are removed).
+# archives it under images/ for other hosts (older archives of the same environments there
+# are removed).
 sandbox-image: install ## Build each environment's sandbox image with Packer unless current (FORCE=1: anyway; ENVS=...).
 	@if [ -z "$(FORCE)" ] && $(BIN)/stockade images status $(ENV_FLAGS) >/dev/null; then :; else \
 		$(STEP) "building the sandbox images with Packer: $(ENVS)" \
@@ -115,8 +116,8 @@ sandbox-image: install ## Build each environment's sandbox image with Packer unl
 	@mkdir -p images && archives=" $$(echo $$($(BIN)/stockade images export --output images \
 		$(ENV_FLAGS))) " && for a in $$archives; do (cd images && sha256sum "$${a##*/}" > \
 			"$${a##*/}.sha256") && echo "sandbox-image: $$a (sha256 in $${a##*/}.sha256)"; done && \
-		for old in images/stockade-sandbox-*.tar.gz; do case "$$archives" in *" $$old "*) ;; \
-			*) rm -f "$$old" "$$old.sha256";; esac; done
+		for old in $(foreach e,$(ENVS),images/stockade-sandbox-$(e)-????????????.tar.gz); do \
+			case "$$archives" in *" $$old "*|*"*"*) ;; *) rm -f "$$old" "$$old.sha256";; esac; done
 
 # Adding an environment: a directory with its environment.toml, then `make environment`.
 lock: install ## Write ENV's hash-locked requirements.lock from its package set (PyPI).
@@ -135,8 +136,8 @@ dist: install sandbox-image ## The runner's wheels and the sandbox images' archi
 		--use-pep517 --wheel-dir dist/wheelhouse '.[runner]'
 	@archives=" $$(echo $$($(BIN)/stockade images export --output dist $(ENV_FLAGS))) " && \
 		for a in $$archives; do echo "dist: $$a"; done && \
-		for old in dist/stockade-sandbox-*.tar.gz; do case "$$archives" in *" $$old "*) ;; \
-			*) rm -f "$$old";; esac; done
+		for old in $(foreach e,$(ENVS),dist/stockade-sandbox-$(e)-????????????.tar.gz); do \
+			case "$$archives" in *" $$old "*|*"*"*) ;; *) rm -f "$$old";; esac; done
 
 # Packer's lxc builder provisions a Debian container with ansible/image.yml and exports its
 # rootfs; scripts/rootfs-to-qcow2 makes that a bootable disk. Artifacts, with SHA256SUMS
