@@ -33,7 +33,10 @@ from stockade.runner.manager.lxc_cgroups import (
 from stockade.sandbox import libc
 from stockade.sandbox.config import DEFAULT_PRELOAD, SandboxConfig
 
-READY_TIMEOUT_S = 60.0
+# For a zygote to serve after its container starts: a guard against a hung one, not a
+# pace. Natively a full zygote serves within seconds; in a VM without KVM, five of them
+# importing numpy, pandas and pyarrow at once took longer than a minute each.
+READY_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 10.0  # for a SIGKILLed container to stop
 CGROUP_TIMEOUT_S = 5.0  # for LXC's monitor process to leave its cgroup
 
