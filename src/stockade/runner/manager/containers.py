@@ -163,11 +163,11 @@ class Containers:
     def start(self, name: str, env: str, preload: list[str]) -> None:
         """Clone the environment's image, configure and start the clone (its zygote is
         still loading)."""
-        definition = environment.get(env)
-        image = images.image_name(self.config, definition)
+        chosen = environment.get(env)
+        image = images.image_name(self.config, chosen)
         base = lxc.Container(image, self.lxc_path)
         if not base.defined:
-            raise ContainerError(images.missing_message(self.config, definition))
+            raise ContainerError(images.missing_message(self.config, chosen))
         try:
             root = self.ranges.take(name)
             directory = self._socket_dir(name, preload, root)
