@@ -16,8 +16,8 @@ from api import post_run
 from conftest import Caller
 
 # Each data environment's heavier packages imported, and its Python: one run each (its own
-# CPU budget), on the full zygote (numpy and pandas named), so that it fits a VM without
-# KVM too. (pytest's test_environments.py also uses them: a fitted model, an arrow table.)
+# CPU budget), on the full zygote (numpy and pandas named). (pytest's test_environments.py
+# also uses them: a fitted model, an arrow table.)
 PROBE = """
 import json, sys, numpy, pandas, {module}
 print(json.dumps([sys.version.split()[0], {module}.__version__]))
@@ -72,25 +72,25 @@ def test_every_environment_answers_with_its_python(caller: Caller) -> None:
         assert (record["status"], record["stdout"]) == ("ok", env["version"] + "\n"), env
 
 
+@pytest.mark.parametrize("package", list(MODULES))
 @pytest.mark.parametrize("python", ["3.11", "3.13"])
-def test_data_packages_import_in_each_python_on_both_routes(caller: Caller,
-                                                            python: str) -> None:
+def test_data_package_imports_in_each_python_on_both_routes(caller: Caller, python: str,
+                                                            package: str) -> None:
     envs = [e for e in served(caller)
             if e["version"].startswith(python + ".") and
-            {"scipy", "scikit-learn", "pyarrow"} <= {p["name"] for p in e["packages"]}]
+            set(MODULES) <= {p["name"] for p in e["packages"]}]
     assert envs, f"no environment with Python {python} and the data set is served"
     env = envs[0]
     locked = {p["name"]: p["version"] for p in env["packages"]}
-    for package, module in MODULES.items():
-        code = PROBE.format(module=module)
-        expected = [env["version"], locked[package]]
-        record = post_run(caller, code, environment=env["name"], **LIMITS)
-        assert record["status"] == "ok", record
-        assert json.loads(record["stdout"]) == expected
-        request = caller.request("/api/v2/execute", {
-            "language": "python", "version": f"{python}.x", "run_timeout": 20000,
-            "run_cpu_time": 10000, "run_memory_limit": 512 << 20, "files": [{"content": code}]})
-        with urllib.request.urlopen(request, timeout=60) as answer:
-            piston = json.load(answer)
-        assert piston["version"] == env["version"] and piston["run"]["code"] == 0, piston
-        assert json.loads(piston["run"]["stdout"]) == expected
+    code = PROBE.format(module=MODULES[package])
+    expected = [env["version"], locked[package]]
+    record = post_run(caller, code, environment=env["name"], **LIMITS)
+    assert record["status"] == "ok", record
+    assert json.loads(record["stdout"]) == expected
+    request = caller.request("/api/v2/execute", {
+        "language": "python", "version": f"{python}.x", "run_timeout": 20000,
+        "run_cpu_time": 10000, "run_memory_limit": 512 << 20, "files": [{"content": code}]})
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        piston = json.load(answer)
+    assert piston["version"] == env["version"] and piston["run"]["code"] == 0, piston
+    assert json.loads(piston["run"]["stdout"]) == expected
