@@ -158,7 +158,7 @@ host-image:
 
 image-test: install-test host-image ## Boot the host image under qemu (TCG) and run the host testinfra suite on it (root).
 	@PATH=$(CURDIR)/$(BIN):$$PATH $(STEP) "image test: boot the host image under qemu, test it over ssh" \
-		"~3 min" $(LOGS)/image-test.log "make image-test STEP_VERBOSE=1" -- \
+		"~9 min" $(LOGS)/image-test.log "make image-test STEP_VERBOSE=1" -- \
 		$(BIN)/python molecule/image/boot_and_test.py --image-dir $(HOST_IMAGE_DIR)
 
 # INVENTORY lists the hosts (group stockade_fleet, each with rolling_address) and the load
@@ -170,7 +170,7 @@ roll: install ## Replace every host of INVENTORY with IMAGE, a canary first (ans
 
 roll-test: install-test host-image ## 3 LXC hosts from the host image behind nginx, rolled out under load (root).
 	@PATH=$(CURDIR)/$(BIN):$$PATH $(STEP) "rolling test: a fleet of 3 hosts replaced under load" \
-		"~8 min" $(LOGS)/roll-test.log "make roll-test STEP_VERBOSE=1" -- \
+		"~15 min" $(LOGS)/roll-test.log "make roll-test STEP_VERBOSE=1" -- \
 		$(BIN)/pytest -p no:cacheprovider --rootdir molecule -s molecule/rolling
 
 test: test-python molecule image-test roll-test ## Every test: pytest, Molecule, the host image's VM and rollout tests (root).
