@@ -39,9 +39,9 @@ SUITES = [MOLECULE / "hardening" / "tests", MOLECULE / "runner" / "tests", HERE 
 # costs a run about 1 s of CPU natively and 20 s under TCG (measured), twice the 10 s a run
 # may have. The Molecule runner scenario and pytest import it; here its environments still
 # import scipy and pyarrow and answer with their Pythons.
+DATA_IMPORTS = "runner/tests/test_image.py::test_data_package_imports_in_each_python_on_both_routes"
 DESELECT = ["runner/tests/test_image.py::test_runner_imported_the_archived_images",
-            *(f"runner/tests/test_image.py::test_data_package_imports_in_each_python_on_both_"
-              f"routes[{python}-scikit-learn]" for python in ("3.11", "3.13"))]
+            *(f"{DATA_IMPORTS}[{python}-scikit-learn]" for python in ("3.11", "3.13"))]
 CONSOLE_TAIL = 60
 CONSOLE_KEPT = MOLECULE.parent / "build" / "logs" / "image-test-console.log"
 GATEWAY = "10.0.2.2"  # qemu's user-mode network: where the guest sees this host

@@ -89,6 +89,11 @@ def image_name(config: RunnerConfig, env: Environment) -> str:
     return f"{config.image}-{env.name}-{digest(env)[:12]}"
 
 
+def _image_name_pattern(config: RunnerConfig, env: str) -> str:
+    """A regex of the names `image_name` gives, for environments matching regex `env`."""
+    return rf"{re.escape(config.image)}-{env}-[0-9a-f]{{12}}"
+
+
 def image_dir(config: RunnerConfig, env: Environment) -> Path:
     return Path(config.lxc_path) / image_name(config, env)
 
@@ -108,7 +113,7 @@ def is_current(config: RunnerConfig, env: Environment) -> bool:
 
 def missing_message(config: RunnerConfig, env: Environment) -> str:
     """Why an environment cannot be served, and how to build what it needs."""
-    named = re.compile(rf"{re.escape(config.image)}-{re.escape(env.name)}-[0-9a-f]{{12}}")
+    named = re.compile(_image_name_pattern(config, re.escape(env.name)))
     older = sorted(p.name for p in Path(config.lxc_path).glob(f"{config.image}-{env.name}-*")
                    if named.fullmatch(p.name) and (p / STAMP).exists())
     found = (f" (this host has {', '.join(older)}, built from another lock or sandbox code)"
@@ -271,7 +276,7 @@ def import_archive(config: RunnerConfig, archive: Path) -> tuple[Environment, bo
     """Install an exported image unless its environment's current one is here; its
     environment and True if installed. An archive this stockade would not build (other
     sandbox code, another lock) is refused: its runner would not match it."""
-    match = re.match(rf"^{re.escape(config.image)}-(.+)-[0-9a-f]{{12}}\.tar\.gz$", archive.name)
+    match = re.fullmatch(_image_name_pattern(config, "(.+)") + r"\.tar\.gz", archive.name)
     try:
         env = environment.get(match[1] if match else "")
     except environment.DefinitionError:
