@@ -33,6 +33,9 @@ GIT_COMMIT = $(shell git rev-parse HEAD)$(shell git diff --quiet HEAD -- || echo
 BUILD_TIME = $(shell date -u -d @$${SOURCE_DATE_EPOCH:-$$(date +%s)} +%Y-%m-%dT%H:%M:%SZ)
 # Molecule scenarios, in the order `make molecule` runs them.
 SCENARIOS ?= hardening runner
+# What needs the wheels and archives rebuilds them first (`make dist`); `make test` builds
+# them once and then passes DIST= so that no two of its lanes rebuild what another reads.
+DIST ?= dist
 
 .DEFAULT_GOAL := help
 .PHONY: help packages test-packages install install-test apt doctor apparmor run sandbox-image dist \
@@ -142,7 +145,7 @@ dist: install sandbox-image ## The runner's wheels and the sandbox images' archi
 # Packer's lxc builder provisions a Debian container with ansible/image.yml and exports its
 # rootfs; scripts/rootfs-to-qcow2 makes that a bootable disk. Artifacts, with SHA256SUMS
 # and manifest.json, go to images/host/.
-image: test-packages dist ## Build both images: the sandbox's (images/) and the host's qcow2 (images/host/) (root).
+image: test-packages $(DIST) ## Build both images: the sandbox's (images/) and the host's qcow2 (images/host/) (root).
 	@$(STEP) "building the host image: Packer, Ansible, then a qcow2" "~5 min" \
 		$(LOGS)/host-image.log "make image STEP_VERBOSE=1 PACKER_LOG=1" -- \
 		packer/scripts/build-host-image $(BIN) $(HOST_IMAGE_DIR) '$(GIT_COMMIT)' '$(BUILD_TIME)' \
@@ -151,12 +154,13 @@ image: test-packages dist ## Build both images: the sandbox's (images/) and the 
 
 # What the image test and the rolling test use: rebuilt unless images/host was built from
 # this very commit (a tree with changes always rebuilds).
+HOST_IMAGE ?= host-image
 host-image:
 	@if grep -qs '"commit": "$(GIT_COMMIT)"' $(HOST_IMAGE_DIR)/manifest.json && \
 		! echo '$(GIT_COMMIT)' | grep -q dirty; then echo "image: $(HOST_IMAGE_DIR) is current"; \
 	else $(MAKE) --no-print-directory image; fi
 
-image-test: install-test host-image ## Boot the host image under qemu (TCG) and run the host testinfra suite on it (root).
+image-test: install-test $(HOST_IMAGE) ## Boot the host image under qemu (TCG) and run the host testinfra suite on it (root).
 	@PATH=$(CURDIR)/$(BIN):$$PATH $(STEP) "image test: boot the host image under qemu, test it over ssh" \
 		"~9 min" $(LOGS)/image-test.log "make image-test STEP_VERBOSE=1" -- \
 		$(BIN)/python molecule/image/boot_and_test.py --image-dir $(HOST_IMAGE_DIR)
@@ -168,12 +172,15 @@ roll: install ## Replace every host of INVENTORY with IMAGE, a canary first (ans
 	cd ansible && PATH=$(CURDIR)/$(BIN):$$PATH ../$(BIN)/ansible-playbook -i $(abspath $(INVENTORY)) \
 		rolling_replace.yml -e rolling_image=$(abspath $(IMAGE))
 
-roll-test: install-test host-image ## 3 LXC hosts from the host image behind nginx, rolled out under load (root).
+roll-test: install-test $(HOST_IMAGE) ## 3 LXC hosts from the host image behind nginx, rolled out under load (root).
 	@PATH=$(CURDIR)/$(BIN):$$PATH $(STEP) "rolling test: a fleet of 3 hosts replaced under load" \
 		"~15 min" $(LOGS)/roll-test.log "make roll-test STEP_VERBOSE=1" -- \
 		$(BIN)/pytest -p no:cacheprovider --rootdir molecule -s molecule/rolling
 
-test: test-python molecule image-test roll-test ## Every test: pytest, Molecule, the host image's VM and rollout tests (root).
+# pytest alone (it holds timing assertions), then side by side what holds none: the Molecule
+# scenarios beside the host image's build, then its VM test beside the rolling test.
+test: test-packages install-test sandbox-image ## Every test: pytest, Molecule, the host image's VM and rollout tests (root).
+	@tools/test-all
 
 # pytest's own progress is the feedback: streamed, and kept in the log too.
 test-python: test-packages install-test sandbox-image ## The pytest suite (root: real namespaces, cgroups, seccomp, LXC, nginx).
@@ -181,16 +188,18 @@ test-python: test-packages install-test sandbox-image ## The pytest suite (root:
 		$(LOGS)/pytest.log "$(BIN)/pytest -x -k NAME_OF_THE_FAILED_TEST" -- $(BIN)/pytest $(PYTEST_ARGS)
 
 # The scenarios share one base container with their packages: made by the first, removed
-# after the last (and on failure), so no run starts from what an earlier one left.
-molecule: test-packages install-test dist ## Molecule scenarios: hosts built by the roles, checked by testinfra.
+# after the last (and on failure), so no run starts from what an earlier one left;
+# MOLECULE_KEEP_BASE=1 keeps it for a later `make molecule` of the same run.
+molecule: test-packages install-test $(if $(filter runner,$(SCENARIOS)),$(DIST)) ## Molecule scenarios: hosts built by the roles, checked by testinfra.
 	@status=0; for scenario in $(SCENARIOS); do \
 		PATH=$(CURDIR)/$(BIN):$$PATH $(STEP) "molecule scenario $$scenario: converge, idempotence, verify" \
 			"~3 min" $(LOGS)/molecule-$$scenario.log \
 			"PATH=$(CURDIR)/$(BIN):\$$PATH molecule converge -s $$scenario && molecule login -s $$scenario" -- \
 			$(BIN)/molecule test -s $$scenario || { status=1; break; }; \
 	done; \
-	for base in $$(lxc-ls -1 2>/dev/null | grep '^stockade-molecule-base-'); do \
-		lxc-destroy --force --name $$base >/dev/null; done; \
+	if [ -z "$(MOLECULE_KEEP_BASE)" ] || [ $$status != 0 ]; then \
+		for base in $$(lxc-ls -1 2>/dev/null | grep '^stockade-molecule-base-'); do \
+			lxc-destroy --force --name $$base >/dev/null; done; fi; \
 	exit $$status
 
 # A pristine Debian 12 system container (nested LXC) gets a clean clone of HEAD and runs the

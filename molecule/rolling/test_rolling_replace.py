@@ -223,6 +223,17 @@ class SessionLoad:
         return self.counted, self.lost, self.failures
 
 
+def small_fleet_config(path: Path) -> None:
+    """What this test proves is the rollout, not the pools: each host serves the default
+    environment from one full, two lean and one session container (the image's own config
+    warms every environment it carries, nine containers a host; the Molecule runner scenario
+    and the image test prove those)."""
+    config = json.loads(path.read_text())
+    config.update(pool_size=1, lean_pool_size=2, environments={})
+    config["sessions"] = {**config.get("sessions", {}), "pool_size": 1}
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def unpack_images(work: Path) -> dict[str, Path]:
     new, old, broken = work / "new", work / "old", work / "broken"
     new.mkdir()
@@ -230,6 +241,8 @@ def unpack_images(work: Path) -> dict[str, Path]:
        "--xattrs-include=*", "--strip-components=2", "./rootfs")
     for variant in (old, broken):
         sh("cp", "-a", "--reflink=auto", str(new), str(variant))
+    for variant in (new, old):
+        small_fleet_config(variant / "etc" / "stockade" / "runner.json")
     release = old / "etc" / "stockade-release"
     lines = [f"STOCKADE_COMMIT={OLD_COMMIT}" if line.startswith("STOCKADE_COMMIT=") else line
              for line in release.read_text().splitlines()]

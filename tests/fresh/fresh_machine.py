@@ -52,6 +52,8 @@ lxc.include = /usr/share/lxc/config/nesting.conf
 lxc.mount.auto =
 lxc.mount.auto = proc:mixed sys:mixed cgroup:rw:force
 """
+# Written into images/ once the set-up's archives are there (or the test gave up on them).
+ARCHIVES_KEPT = REPO / "images" / ".fresh-test-archives"
 HELLO = 'print("hello from a fresh machine")'
 PANDAS = 'import pandas as pd\nprint(pd.DataFrame({"a": [1, 2, 3]})["a"].sum())'
 
@@ -314,12 +316,17 @@ def keep_image_archives() -> None:
     """The environments' image archives the set-up built, into this checkout's images/:
     each is named by its digest, so `make sandbox-image` here imports one (checked against
     that digest) rather than build the same image again. A cache within a run: it never
-    stands in for the set-up this test proves, which has run by now."""
+    stands in for the set-up this test proves, which has run by now. Kept as soon as the
+    set-up is ready, each under a temporary name then renamed, and ARCHIVES_KEPT last, so a
+    CI lane waiting for them (tests/fresh/await-archives) never reads half a file."""
     built = ROOTFS / CHECKOUT.lstrip("/") / "images"
     (REPO / "images").mkdir(exist_ok=True)
     for archive in sorted(built.glob("stockade-sandbox-*.tar.gz")):
-        shutil.copyfile(archive, REPO / "images" / archive.name)
+        part = REPO / "images" / f".{archive.name}.part"
+        shutil.copyfile(archive, part)
+        part.rename(REPO / "images" / archive.name)
         say(f"kept {archive.name} in images/ ({archive.stat().st_size >> 20} MiB)")
+    ARCHIVES_KEPT.write_text(f"{os.getpid()}\n")
 
 
 def check_uninstall() -> None:
@@ -349,6 +356,7 @@ def main() -> int:
         return 2
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
+    ARCHIVES_KEPT.unlink(missing_ok=True)
     start = time.monotonic()
     command = readme_setup_command()
     try:
@@ -360,12 +368,14 @@ def main() -> int:
                 say(f"cloned {clone_head()[:12]} to {CHECKOUT}")
                 start_container()
                 run_setup(command)
+                keep_image_archives()
                 check_runs()
                 check_session()
                 check_pages()
-                keep_image_archives()
                 check_uninstall()
             finally:
+                (REPO / "images").mkdir(exist_ok=True)
+                ARCHIVES_KEPT.write_text(f"{os.getpid()}\n")
                 keep_logs()
                 remove_container()
                 shutil.rmtree(LXC_PATH, ignore_errors=True)
