@@ -41,6 +41,7 @@ DIST ?= dist
 .PHONY: help packages test-packages install install-test apt doctor apparmor run sandbox-image dist \
 	lock environment \
 	image host-image image-test roll roll-test test test-python molecule fresh-test lint bench \
+	bench-smoke \
 	soak uninstall clean
 
 help: ## List the targets.
@@ -225,6 +226,11 @@ bench: test-packages install ## Latency, throughput and memory vs bare interpret
 	$(BIN)/python bench/bench_layers.py
 	$(BIN)/python bench/bench_sessions.py
 	$(BIN)/python bench/bench_environments.py
+
+# Each bench's measuring phases at most 2 s: every bench runs to its end, prints every row
+# and leaves nothing behind (bench/smoke.py). Targets are printed, never asserted.
+bench-smoke: test-packages install sandbox-image ## Every bench briefly: each must end well and leave nothing (~3 min; root).
+	$(BIN)/python bench/smoke.py
 
 soak: install ## 10 minutes of mixed good and hostile load; checks nothing grows (not in CI).
 	$(BIN)/python bench/soak.py $(if $(SOAK_S),--seconds $(SOAK_S))

@@ -18,21 +18,18 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
+import baseline
+import load
+
 from stockade.limits import Limits
 from stockade.sandbox import client
 from stockade.sandbox.config import SandboxConfig
 from stockade.sandbox.launcher import ZygoteProcess
 
-PYTHON = "/usr/bin/python3"
 HELLO = client.Job("print(1)")
 PANDAS = client.Job("import pandas as pd\nprint(len(pd.DataFrame({'a': [1, 2]})))")
 SMAPS = client.Job("print(open('/proc/self/smaps_rollup').read())")
 LIMITS = Limits(memory_mib=512, processes=16)
-
-
-def spawn(*argv: str) -> None:
-    pid = os.posix_spawn(argv[0], list(argv), {})
-    os.waitpid(pid, 0)
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -82,7 +79,11 @@ def main() -> int:
     parser.add_argument("--pandas-spawns", type=int, default=15)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--out", default="bench/results/sandbox.md")
+    baseline.add_smoke(parser)
     args = parser.parse_args()
+    args.rounds = baseline.rounds(args, args.rounds)
+    args.pandas_spawns = baseline.rounds(args, args.pandas_spawns, 2)
+    args.seconds = baseline.phase_s(args, args.seconds)
     if os.geteuid() != 0:
         raise SystemExit("the benchmark needs root (it starts zygotes)")
     with ExitStack() as stack:
@@ -96,23 +97,25 @@ def main() -> int:
             socks.append(stack.enter_context(zygote.connect()))
         hello_a, hello_b = confined(socks[0], HELLO), confined(socks[1], HELLO)
         pandas_run = confined(socks[2], PANDAS)
-        bare = lambda: spawn(PYTHON, "-S", "-c", "pass")  # noqa: E731
-        bare_pandas = lambda: spawn(sys.executable, "-c", "import pandas")  # noqa: E731
+        # The baselines, each spawned by a process of its own (baseline.py).
+        bare = stack.enter_context(baseline.Spawner())
+        bare_pandas = stack.enter_context(baseline.Spawner((sys.executable, "-c",
+                                                            "import pandas")))
         for fn in (hello_a, hello_b, pandas_run, bare, bare_pandas):
             fn()  # warm up
         t: dict[str, list[float]] = {"hello": [], "bare": [], "pandas": [], "bare_pandas": []}
         every = max(1, args.rounds // args.pandas_spawns)
         for i in range(args.rounds):
             t["hello"].append(timed(hello_a))
-            t["bare"].append(timed(bare))
+            t["bare"].append(bare())
             t["pandas"].append(timed(pandas_run))
             if i % every == 0:
-                t["bare_pandas"].append(timed(bare_pandas))
+                t["bare_pandas"].append(bare_pandas())
         tp = {
             "confined x1": throughput([hello_a], args.seconds),
-            "bare x1": throughput([bare], args.seconds),
+            "bare x1": baseline.rate(1, args.seconds).per_s,
             "confined x2": throughput([hello_a, hello_b], args.seconds),
-            "bare x2": throughput([bare, bare], args.seconds),
+            "bare x2": baseline.rate(2, args.seconds).per_s,
         }
         mem = [private_kib(client.run(socks[0], SMAPS, LIMITS).stdout) for _ in range(20)]
         mem_pd = [private_kib(client.run(socks[2], SMAPS, LIMITS).stdout) for _ in range(20)]
@@ -149,6 +152,7 @@ def main() -> int:
     print(report)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(report + "\n")
+    load.rows_printed(len(lines))
     return 0
 
 

@@ -1,6 +1,7 @@
-"""Soak (not a test, not in CI): mixed good and hostile load through nginx for a while, then
-check that containers, cgroups, the runner's open fds and its memory are back where they
-started. `make soak` runs 10 minutes; `SOAK_S=60 make soak` a short one."""
+"""Soak (not a test, not in CI): mixed good and hostile load through nginx for a while,
+sampling containers, cgroups, mounts, the manager's and the front's descriptors and memory
+SAMPLES times; a measure that grows with the runs is a problem (trend.py), a one-time
+step or a decrease is not. `make soak` runs 10 minutes; `SOAK_S=60 make soak` a short one."""
 
 from __future__ import annotations
 
@@ -12,11 +13,17 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import trend
+
 from stockade.runner.local import NginxProcess, RunnerProcess, runner_config, serving
 
 CLIENTS = 6
 WARMUP_S = 15.0
-RSS_SLACK_MIB = 8.0  # allocator noise; a leak grows without bound over 10 minutes
+SAMPLES = 12  # taken during the load, after the warm-up (trend.py needs 10 at least)
+# What a measure may grow per 1,000 runs before it is a leak (trend.py also needs the
+# growth to show in the thirds' medians and not to be one step).
+THRESHOLDS = {"containers": 0.5, "cgroups": 0.5, "mounts": 0.5, "manager_fds": 1.0,
+              "front_fds": 1.0, "manager_rss_mib": 2.0, "front_rss_mib": 2.0}
 MIX = [
     ("hello", {"code": "print('hi')"}, "ok"),
     ("pandas", {"code": "import pandas as pd\nprint(pd.Series([1, 2]).sum())"}, "ok"),
@@ -46,7 +53,9 @@ def footprint(runner: RunnerProcess) -> dict[str, float]:
                     if x.startswith("VmRSS:"))
         return int(line.split()[1]) / 1024
 
-    return {"containers": len(runner.containers()), "cgroups": cgroups,
+    mounts = sum(1 for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                 if runner.config.container_prefix in line)
+    return {"containers": len(runner.containers()), "cgroups": cgroups, "mounts": mounts,
             "manager_fds": len(list(Path(f"/proc/{manager}/fd").iterdir())),
             "front_fds": len(list(Path(f"/proc/{front}/fd").iterdir())),
             "manager_rss_mib": rss(manager), "front_rss_mib": rss(front)}
@@ -57,8 +66,9 @@ def settle(runner: RunnerProcess) -> None:
     time.sleep(2)  # let the manager reap and the allocator settle
 
 
-def load(proxy: NginxProcess, seconds: float) -> tuple[Counter[str], list[str]]:
-    outcomes: Counter[str] = Counter()
+def load(proxy: NginxProcess, seconds: float,
+         outcomes: Counter[str] | None = None) -> tuple[Counter[str], list[str]]:
+    outcomes = Counter() if outcomes is None else outcomes
     wrong: list[str] = []
     stop = time.monotonic() + seconds
     cases = itertools.cycle(MIX)
@@ -83,30 +93,47 @@ def load(proxy: NginxProcess, seconds: float) -> tuple[Counter[str], list[str]]:
     return outcomes, wrong
 
 
+def sampled_load(runner: RunnerProcess, proxy: NginxProcess,
+                 seconds: float) -> tuple[Counter[str], list[str], list[float],
+                                          list[dict[str, float]]]:
+    """The load for `seconds`, with SAMPLES footprints taken evenly through it, each with
+    the number of runs answered by then."""
+    outcomes: Counter[str] = Counter()
+    done: list[tuple[Counter[str], list[str]]] = []
+    worker = threading.Thread(target=lambda: done.append(load(proxy, seconds, outcomes)))
+    worker.start()
+    runs, samples = [], []
+    started = time.monotonic()
+    for index in range(1, SAMPLES + 1):
+        time.sleep(max(0.0, started + index * seconds / (SAMPLES + 1) - time.monotonic()))
+        samples.append(footprint(runner))
+        runs.append(float(sum(outcomes.values())))
+    worker.join()
+    return outcomes, done[0][1], runs, samples
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=600.0)
     args = parser.parse_args()
-    config = runner_config(18280, "stockade-s-", pool_size=2, queue_limit=32)
+    config = runner_config(18280, "stockade-bench-soak-", pool_size=2, queue_limit=32)
     with serving(config, 18281) as (runner, proxy):
         # Warm up first: the front keeps a connection per zygote and nginx keeps idle
         # upstream connections, so the steady state has a few more fds than a cold start.
         load(proxy, WARMUP_S)
         settle(runner)
-        before = footprint(runner)
-        outcomes, wrong = load(proxy, args.seconds)
+        outcomes, wrong, runs, samples = sampled_load(runner, proxy, args.seconds)
         settle(runner)
-        after = footprint(runner)
-    print(json.dumps({"outcomes": outcomes, "before": before, "after": after}, indent=2))
+    print(json.dumps({"outcomes": outcomes, "runs": runs, "samples": samples}, indent=2))
     problems = list(wrong[:10])
-    for key in ("containers", "cgroups", "manager_fds", "front_fds"):
-        if after[key] != before[key]:
-            problems.append(f"{key}: {before[key]} -> {after[key]}")
-    for key in ("manager_rss_mib", "front_rss_mib"):
-        if after[key] > before[key] + RSS_SLACK_MIB:
-            problems.append(f"{key}: {before[key]:.1f} -> {after[key]:.1f} MiB")
+    for key, threshold in THRESHOLDS.items():
+        values = [sample[key] for sample in samples]
+        if trend.growing(runs, values, threshold):
+            problems.append(f"grows with the runs: {trend.describe(key, runs, values)}")
     for problem in problems:
         print(f"SOAK PROBLEM: {problem}")
+    print(f"soak: {sum(outcomes.values())} runs, {len(samples)} samples, "
+          f"{len(problems)} problems")
     return 1 if problems else 0
 
 

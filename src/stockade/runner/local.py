@@ -214,18 +214,20 @@ class RunnerProcess(Client):
 @contextlib.contextmanager
 def serving(config: RunnerConfig, nginx_port: int) -> Iterator[tuple[RunnerProcess,
                                                                     NginxProcess]]:
-    """A runner and nginx in front of it, both stopped (and cleaned) on the way out."""
+    """A runner and nginx in front of it, both stopped (and cleaned) on the way out, an
+    interrupted start-up included."""
     runner = RunnerProcess(config)
-    runner.start()
     try:
+        runner.start()
         proxy = NginxProcess(config, nginx_port)
-        proxy.start()
         try:
+            proxy.start()
             yield runner, proxy
         finally:
             proxy.stop()
     finally:
-        runner.stop()
+        if runner.proc is not None:
+            runner.stop()
         runner.close()
 
 

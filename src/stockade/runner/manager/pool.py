@@ -41,6 +41,8 @@ class Pool:
         prefix = containers.config.container_prefix
         self.names = (f"{prefix}{kind.name}-{n:05d}" for n in itertools.count(1))
         self.live: set[str] = set()  # handed to the front
+        # Starts a stop cut short: their LXC call may still run; close() destroys them after.
+        self.abandoned: set[str] = set()
         self.starting = 0
         self.warm = False
         self.recycled = 0
@@ -66,6 +68,9 @@ class Pool:
                 try:
                     await self._in_lxc(self._start, name)
                     await self._await_serving(name)
+                except asyncio.CancelledError:
+                    self.abandoned.add(name)
+                    raise
                 except Exception as exc:  # the pool must outlive any one failed start
                     self.create_failures += 1
                     self.failing = True
@@ -130,12 +135,15 @@ class Pool:
             log.warning(f"cannot destroy {name}: {exc}")
 
     async def close(self) -> None:
-        """Destroy every container of the pool (handed-over ones too: the front is gone)."""
+        """Destroy every container of the pool (handed-over ones too: the front is gone),
+        and any a stop interrupted while it started (the one LXC thread runs its start to
+        the end first)."""
         self.closing = True
         for task in list(self.tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        names, self.live = sorted(self.live), set()
+        names, self.live = sorted(self.live | self.abandoned), set()
+        self.abandoned = set()
         for name in names:
             try:
                 await self._in_lxc(self.containers.destroy, name)

@@ -1,0 +1,109 @@
+"""`make bench-smoke`: every bench, each measuring phase at most 2 s (`--smoke`). Passes
+when every bench exits 0, prints every row (its last line counts them) and leaves nothing
+behind: no process, container, cgroup, mount, run directory or temporary directory of its
+own. Targets are printed by the benches, never asserted. Needs root, and the sandbox
+images (`make sandbox-image`).
+
+Every bench names what it makes `stockade-bench-*` (a runner's containers, cgroups, mounts
+and run directory; bench_layers' cgroup parent and directories), or `bench-*` under the
+zygotes' `stockade` cgroup; a run's init is catatonit. That is what is looked for.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+BENCHES = ["bench_layers", "bench_sandbox", "bench_http", "bench_neighbours", "bench_sessions",
+           "bench_environments"]
+TIMEOUT_S = 240
+SETTLE_S = 10.0  # what a bench stopped is given to disappear (an LXC monitor exiting)
+ROWS = re.compile(r"^bench: (\d+) rows, pid \d+$", re.MULTILINE)
+MARK = "stockade-bench"
+
+
+def _processes() -> set[str]:
+    found = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace")
+            cgroup = (proc / "cgroup").read_text()
+            start = (proc / "stat").read_text().rsplit(")", 1)[1].split()[19]
+        except (OSError, IndexError):
+            continue
+        if proc.name == str(Path("/proc/self").resolve().name):
+            continue
+        if MARK in cmdline or MARK in cgroup or "/stockade/bench-" in cgroup \
+                or cmdline.startswith("/usr/bin/catatonit"):
+            found.add(f"process {proc.name} (started at tick {start}): {cmdline[:120]}")
+    return found
+
+
+def _cgroups() -> set[str]:
+    found = set()
+    for hierarchy in Path("/sys/fs/cgroup").iterdir():
+        for pattern in (f"{MARK}*", f"*/{MARK}*", f"*/*/{MARK}*", "stockade/bench-*",
+                        f"lxc.*.{MARK}*", f"*/lxc.*.{MARK}*"):
+            found.update(f"cgroup {p}" for p in hierarchy.glob(pattern) if p.is_dir())
+    return found
+
+
+def leftovers() -> set[str]:
+    """Everything of a bench's that exists on this host now."""
+    found = _processes() | _cgroups()
+    found.update(f"mount {line.split()[4]}" for line in
+                 Path("/proc/self/mountinfo").read_text().splitlines() if MARK in line)
+    for pattern in (f"/run/{MARK}*", f"{tempfile.gettempdir()}/{MARK}*",
+                    f"/var/lib/stockade/{MARK}*", f"/var/lib/stockade/*/{MARK}*"):
+        found.update(f"path {p}" for p in Path("/").glob(pattern.lstrip("/")))
+    return found
+
+
+def run_one(name: str) -> list[str]:
+    """Run one bench; the problems with it (none: it passed)."""
+    before = leftovers()
+    started = time.monotonic()
+    try:
+        done = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--smoke"],
+                              capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired as exc:
+        output = (exc.stdout or b"").decode(errors="replace") if isinstance(
+            exc.stdout, bytes) else (exc.stdout or "")
+        print(output)
+        return [f"{name} did not end within {TIMEOUT_S} s"]
+    took = time.monotonic() - started
+    print(done.stdout, end="")
+    problems = []
+    if done.returncode != 0:
+        print(done.stderr[-4000:], file=sys.stderr)
+        problems.append(f"{name} exited {done.returncode}")
+    elif not ROWS.search(done.stdout):
+        problems.append(f"{name} did not print all its rows (no closing 'bench: N rows')")
+    deadline = time.monotonic() + SETTLE_S
+    while (left := leftovers() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    problems += [f"{name} left {thing}" for thing in sorted(left)]
+    print(f"== bench-smoke: {name}: {'ok' if not problems else 'FAILED'} in {took:.0f} s")
+    return problems
+
+
+def main() -> int:
+    started = time.monotonic()
+    problems = [problem for name in (sys.argv[1:] or BENCHES) for problem in run_one(name)]
+    took = time.monotonic() - started
+    for problem in problems:
+        print(f"bench-smoke: {problem}", file=sys.stderr)
+    print(f"== bench-smoke: {len(BENCHES) if not sys.argv[1:] else len(sys.argv[1:])} "
+          f"benches in {took:.0f} s (the target is at most 180 s); "
+          f"{'passed' if not problems else f'{len(problems)} problems'}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
