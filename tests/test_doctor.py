@@ -133,3 +133,38 @@ def test_packer_version_is_parsed() -> None:
 def test_each_failure_prints_its_fix() -> None:
     line = doctor.Check("rsync", False, "not found", "apt-get install rsync").line()
     assert line.startswith("FAIL  rsync: not found") and "fix: apt-get install rsync" in line
+
+
+def test_the_venvs_own_entry_point_finds_the_venvs_tools() -> None:
+    """`.venv/bin/stockade doctor`, as the docs suggest, with no venv on PATH: the build's
+    ansible-playbook is the venv's own."""
+    path = ":".join(p for p in os.environ["PATH"].split(":") if Path(p) != BIN)
+    assert shutil.which("ansible-playbook", path=path) is None, "the test needs no other"
+    done = subprocess.run([str(BIN / "stockade"), "doctor", "--listen",
+                           f"127.0.0.1:{free_port()}"], env={**os.environ, "PATH": path},
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout
+    assert f"ok    ansible-playbook: {BIN}/ansible-playbook" in done.stdout
+
+
+def test_idmapped_mounts_are_tried_for_real() -> None:
+    """An idmapped view of a directory under an overlay, on lxc_path's filesystem, as a
+    container past the first uid range gets its image; nothing of the try is left."""
+    config = RunnerConfig()
+    before = Path("/proc/self/mountinfo").read_text()
+    check = doctor.check_idmapped_mounts(config)
+    assert check.ok, check.line()
+    assert f"as {config.idmap_base + config.idmap_size}" in check.detail
+    assert Path("/proc/self/mountinfo").read_text().count("stockade-doctor") == \
+        before.count("stockade-doctor") == 0
+    where = Path(config.lxc_path)
+    while not where.exists():
+        where = where.parent
+    assert list(where.glob(".stockade-doctor-*")) == []
+
+
+def test_a_kernel_without_idmapped_mounts_is_named_with_the_fix() -> None:
+    check = doctor.check_idmapped_mounts(RunnerConfig(), release="5.15.0-91-generic")
+    assert not check.ok
+    assert "Linux 5.15.0-91-generic has none" in check.detail
+    assert "Linux 5.19 or later" in check.line()

@@ -1,5 +1,6 @@
 """`stockade doctor`: what this host must have before it can serve (and build the sandbox
-image), one check a line with the fix when it fails. It only reads; it never changes the host.
+image), one check a line with the fix when it fails. It changes nothing on the host: the one
+check that must try something (an idmapped overlay) does it in a directory it removes.
 """
 
 from __future__ import annotations
@@ -11,15 +12,18 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from stockade.runner.config import RunnerConfig
 from stockade.runner.manager import apparmor, idmap
+from stockade.sandbox import libc
 from stockade.sandbox.cgroups import MOUNTINFO, parse_mountinfo
 
 PACKER_MIN = (1, 6, 6)
+IDMAP_KERNEL_MIN = (5, 19)  # idmapped mounts of ext4, xfs and btrfs, under overlayfs
 PYTHON_MIN = (3, 11)
 # The environments' sandbox images (two with the data set, ~1 GiB each, and a small one)
 # and their build: Packer's build container and its export beside it, LXC's template cache
@@ -142,8 +146,15 @@ def check_subids(config: RunnerConfig, etc: Path = Path("/etc")) -> Check:
     return Check("subordinate ids", True, f"root has {span} in /etc/subuid and /etc/subgid")
 
 
+def which(name: str) -> str | None:
+    """`name` on PATH, or beside this interpreter: the venv's own tools (ansible-playbook)
+    when stockade is run as .venv/bin/stockade, with no venv on PATH."""
+    own = str(Path(sys.executable).parent)
+    return shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", os.defpath), own]))
+
+
 def check_program(name: str, package: str, why: str) -> Check:
-    path = shutil.which(name)
+    path = which(name)
     return Check(name, path is not None, f"{path} ({why})" if path else f"not found ({why})",
                  _install(package))
 
@@ -184,7 +195,7 @@ def parse_packer_version(text: str) -> tuple[int, ...] | None:
 
 
 def check_packer() -> Check:
-    packer = shutil.which("packer")
+    packer = which("packer")
     if packer is None:
         return Check("packer", False, "not found (builds the sandbox image)", _install("packer"))
     answer = subprocess.run([packer, "version"], capture_output=True, text=True, check=False)
@@ -210,6 +221,65 @@ def check_apparmor(enabled: Path = apparmor.ENABLED,
                  f"{'loaded' if ok else 'not loaded'}", apparmor.HOW_TO_LOAD)
 
 
+def kernel_version(release: str) -> tuple[int, int]:
+    found = re.match(r"(\d+)\.(\d+)", release)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+
+
+IDMAP_FIX = ("Linux 5.19 or later (Debian 12's 6.1 is), and lxc_path on a filesystem with "
+             "idmapped mounts (ext4, xfs, btrfs; not tmpfs or overlayfs before Linux 6.x)")
+
+
+def check_idmapped_mounts(config: RunnerConfig, release: str | None = None) -> Check:
+    """Every container past the first uid range sees the image through an idmapped mount
+    that its overlay takes as the lower layer: tried for real, as a container does it, in a
+    temporary directory on the filesystem that holds lxc_path."""
+    name = "idmapped mounts"
+    release = release or os.uname().release
+    if kernel_version(release) < IDMAP_KERNEL_MIN:
+        return Check(name, False, f"Linux {release} has none (5.19 or later has them)",
+                     IDMAP_FIX)
+    where = Path(config.lxc_path)
+    while not where.exists():
+        where = where.parent
+    try:
+        shifted = _try_idmapped_overlay(where, config.idmap_base, config.idmap_size)
+    except OSError as exc:
+        return Check(name, False, f"an idmapped overlay under {where} failed: {exc}", IDMAP_FIX)
+    expected = config.idmap_base + config.idmap_size
+    return Check(name, shifted == expected, f"an idmapped overlay under {where} shows the "
+                 f"image's uid {config.idmap_base} as {shifted} (expected {expected})",
+                 IDMAP_FIX)
+
+
+def _try_idmapped_overlay(where: Path, base: int, size: int) -> int:
+    """The owner a file of the image's range shows through an idmapped view of its
+    directory (the second range's), under an overlay, as a container's root does."""
+    views = idmap.Views(base, size)
+    with tempfile.TemporaryDirectory(prefix=".stockade-doctor-", dir=where) as scratch:
+        top = Path(scratch)
+        for part in ("lower", "upper", "work", "view", "merged"):
+            (top / part).mkdir()
+        probe = top / "lower" / "probe"
+        probe.touch()
+        os.chown(probe, base, base)
+        mounted: list[Path] = []
+        try:
+            views.mount(top / "lower", base + size, top / "view")
+            mounted.append(top / "view")
+            libc.mount("stockade-doctor", str(top / "merged"), "overlay", 0,
+                       f"lowerdir={top / 'view'},upperdir={top / 'upper'},"
+                       f"workdir={top / 'work'}")
+            mounted.append(top / "merged")
+            return (top / "merged" / "probe").stat().st_uid
+        except idmap.RangeError as exc:
+            raise OSError(str(exc)) from None
+        finally:
+            for point in reversed(mounted):
+                libc.umount2(str(point), libc.MNT_DETACH)
+            views.close()
+
+
 def check_listen(config: RunnerConfig) -> Check:
     """The runner's address is free (a runner already serving there says so)."""
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
@@ -232,6 +302,7 @@ def serve_checks(config: RunnerConfig) -> Iterator[Callable[[], Check]]:
     yield check_user_namespaces
     yield check_cgroups
     yield check_overlayfs
+    yield lambda: check_idmapped_mounts(config)
     yield check_seccomp
     yield lambda: check_subids(config)
     yield lambda: check_program("lxc-start", "lxc", "starts the pool's containers")

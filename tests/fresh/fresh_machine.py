@@ -336,6 +336,7 @@ def check_uninstall() -> None:
     left = attach("id stockade 2>/dev/null; grep -h '^root:100000:' /etc/subuid /etc/subgid; "
                   "ls -d /var/lib/stockade /run/stockade /etc/stockade 2>/dev/null; "
                   "lxc-ls -P /var/lib/stockade/containers 2>/dev/null; "
+                  "ls -d /var/cache/lxc/debian/* /var/cache/lxc/debian/.made-by-* 2>/dev/null; "
                   f"ls -d {CHECKOUT}/.venv {CHECKOUT}/{VENDORED} 2>/dev/null; "
                   "true").stdout.strip()
     if left:

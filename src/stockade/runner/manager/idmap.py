@@ -128,8 +128,9 @@ def mapping_namespace(inner: int, outer: int, size: int) -> int:
     """A user namespace whose ids `inner`.. are the host's `outer`.. (`size` of them),
     held by the descriptor returned. Made by a `cat` that unshared it: once it echoes a
     byte it is inside, its maps are written, the namespace is opened, and it exits."""
-    with subprocess.Popen(["unshare", "--user", "--", "cat"], stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as holder:
+    with subprocess.Popen(["/usr/bin/unshare", "--user", "--", "/usr/bin/cat"],  # not PATH's
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL) as holder:
         assert holder.stdin is not None and holder.stdout is not None
         try:
             holder.stdin.write(b"x")
