@@ -205,7 +205,7 @@ molecule: test-packages install-test $(if $(filter runner,$(SCENARIOS)),$(DIST))
 
 # A pristine Debian 12 system container (nested LXC) gets a clean clone of HEAD and runs the
 # README's set-up command; passes when /readyz answers and hello and pandas runs are ok.
-fresh-test: test-packages ## Prove the README's set-up on a pristine Debian 12 (~7 min; root).
+fresh-test: test-packages ## Prove the README's set-up on a pristine Debian 12 (root).
 	@$(PYTHON) tests/fresh/fresh_machine.py
 
 lint: install-test ## ruff, mypy, ansible-lint (production profile), packer validate.
@@ -229,7 +229,7 @@ bench: test-packages install ## Latency, throughput and memory vs bare interpret
 
 # Each bench's measuring phases at most 2 s: every bench runs to its end, prints every row
 # and leaves nothing behind (bench/smoke.py). Targets are printed, never asserted.
-bench-smoke: test-packages install sandbox-image ## Every bench briefly: each must end well and leave nothing (~3 min; root).
+bench-smoke: test-packages install sandbox-image ## Every bench briefly: each must end well and leave nothing (root).
 	$(BIN)/python bench/smoke.py
 
 soak: install ## 10 minutes of mixed good and hostile load; checks nothing grows (not in CI).

@@ -27,7 +27,7 @@ import load
 from stockade import environment
 from stockade.runner.config import EnvironmentPools
 from stockade.runner.local import runner_config, serving
-from stockade.runner.manager import images
+from stockade.runner.manager import image_list, images
 
 HELLO = "print('hello')"
 # The full zygote's kind is chosen by a preloaded module's name in the source.
@@ -89,7 +89,7 @@ def main() -> int:
         for env in config.served:
             definition = environment.get(env)
             image = images.image_dir(config, definition)
-            results[f"image_mib.{env}"] = images.tree_size(image / "rootfs") / 2**20
+            results[f"image_mib.{env}"] = image_list.tree_size(image / "rootfs") / 2**20
             # What a hello costs on each path; one where the environment has one zygote.
             calls = {"hello": (conn, HELLO), "hello_nginx": (via_nginx, HELLO)}
             if definition.definition.preload:

@@ -34,7 +34,8 @@ import load
 
 from stockade import protocol
 from stockade.limits import LimitsIn
-from stockade.sandbox import client, confine, libc
+from stockade.runner.front import zygote_client as client
+from stockade.sandbox import confine, libc
 from stockade.sandbox.cgroups import CgroupDriver, RunCgroup
 from stockade.sandbox.config import SandboxConfig
 from stockade.sandbox.family import INIT_PROGRAM

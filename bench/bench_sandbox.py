@@ -21,10 +21,10 @@ from pathlib import Path
 import baseline
 import load
 
+from stockade.launcher import ZygoteProcess
 from stockade.limits import Limits
-from stockade.sandbox import client
+from stockade.runner.front import zygote_client as client
 from stockade.sandbox.config import SandboxConfig
-from stockade.sandbox.launcher import ZygoteProcess
 
 HELLO = client.Job("print(1)")
 PANDAS = client.Job("import pandas as pd\nprint(len(pd.DataFrame({'a': [1, 2]})))")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stockade import remote
+from stockade.client import remote
 from stockade.result import OutFile
 from stockade.runner.local import RunnerProcess
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from stockade.sandbox import client
+from stockade.runner.front import zygote_client as client
 from stockade.sandbox.cgroups import CgroupDriver
 from stockade.sandbox.zygote import EXIT_UNCLEAN
 from support.leftovers import host_processes_of, leftovers_seen

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from stockade.runner.local import LocalServiceError, RunnerProcess, runner_config
-from stockade.runner.service import ensure_user
+from stockade.runner.manager.main import ensure_user
 from support.runners import own_runner
 
 PORT = 18094

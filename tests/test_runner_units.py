@@ -18,10 +18,10 @@ from stockade.result import Result, Status
 from stockade.runner.channel import EnvironmentInfo, PoolStats
 from stockade.runner.config import FULL, LEAN, EnvironmentPools, RunnerConfig, kind_for
 from stockade.runner.front import nginx, piston, schema
-from stockade.runner.front.api import retire_reason
 from stockade.runner.front.environments import Catalogue
 from stockade.runner.front.metrics import Metrics
 from stockade.runner.front.pool_client import Lease, connect_trusted
+from stockade.runner.front.runs import retire_reason
 from stockade.runner.manager.apparmor import PROFILE as APPARMOR_PROFILE
 from stockade.runner.manager.containers import ContainerError, apparmor_profile
 

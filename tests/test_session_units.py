@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 
 from stockade import protocol
+from stockade.client.repl import cells
 from stockade.limits import Limits
-from stockade.repl import cells
 from stockade.result import Result, Status
 from stockade.runner.config import RunnerConfig, SessionPolicy
 from stockade.runner.front import schema
-from stockade.runner.front.api import retire_reason
+from stockade.runner.front.runs import retire_reason
 from stockade.runner.front.schema import ApiError
 from stockade.runner.front.session_channel import SessionChannel
 from stockade.runner.front.sessions import Session, Sessions, this_node

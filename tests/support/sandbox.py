@@ -7,11 +7,11 @@ import itertools
 import socket
 from typing import Any
 
+from stockade.launcher import DEFAULT_COMMAND, ZygoteProcess
 from stockade.limits import LimitPolicy, Limits, LimitsIn
 from stockade.result import Result
-from stockade.sandbox import client
+from stockade.runner.front import zygote_client as client
 from stockade.sandbox.config import SandboxConfig
-from stockade.sandbox.launcher import DEFAULT_COMMAND, ZygoteProcess
 
 _uids = itertools.count(61100)
 

@@ -13,6 +13,8 @@ If the front goes away, the manager destroys everything it had handed over.
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from typing import Annotated
 
 import msgspec
@@ -130,3 +132,11 @@ def frame(message: msgspec.Struct) -> bytes:
 
 def write(writer: asyncio.StreamWriter, message: msgspec.Struct) -> None:
     writer.write(frame(message))
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket, from the kernel:
+    how each side of the service checks who the other is."""
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                        struct.calcsize("3i")))
+    return pid, uid, gid

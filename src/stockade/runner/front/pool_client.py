@@ -12,7 +12,6 @@ import os
 import select
 import socket
 import stat
-import struct
 import time
 from dataclasses import dataclass, field
 
@@ -22,17 +21,11 @@ from stockade.runner.channel import (
     Ready,
     Recycle,
     StatsRequest,
+    peer_credentials,
     read_manager,
     write,
 )
-from stockade.sandbox import client
-
-
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end of a Unix socket, from the kernel."""
-    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                        struct.calcsize("3i")))
-    return pid, uid, gid
+from stockade.runner.front import zygote_client as client
 
 
 def connect_trusted(path: str, owner_uid: int) -> socket.socket:

@@ -1,4 +1,5 @@
-"""The HTTP API's typed schema, and the one step from a decoded request to a job.
+"""The front's side of the HTTP API's schema: decoding as validation, and the one step
+from a decoded request to a job (the shapes both sides share are in `stockade/wire.py`).
 
 Decoding is the validation: unknown fields, wrong types and invalid UTF-8 never reach the
 pool. Every error becomes an `ApiError` with a code, a message a user can act on, and the
@@ -11,20 +12,60 @@ import base64
 import binascii
 import math
 import re
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import msgspec
 
 from stockade import protocol
 from stockade.limits import LimitError, LimitPolicy, Limits, LimitsIn
-from stockade.result import Result
 from stockade.runner.channel import EnvironmentInfo
 from stockade.runner.config import RunnerConfig
-from stockade.sandbox.client import Job
+from stockade.runner.front.zygote_client import Job
+from stockade.wire import (
+    ALIASES,
+    LANGUAGE,
+    CellRequest,
+    CellResult,
+    ErrorBody,
+    ErrorDetail,
+    FileIn,
+    LanguageName,
+    RunRequest,
+    SessionFiles,
+    SessionInfo,
+    SessionList,
+    SessionRequest,
+)
 
-LANGUAGE = "python"
-ALIASES = ["py", "python3"]
-LanguageName = Literal["python", "py", "python3"]
+# The API's shapes (stockade/wire.py) are named here too: the front speaks of them as
+# schema.RunRequest and the like.
+__all__ = [
+    "ALIASES",
+    "LANGUAGE",
+    "REQUEST_ID",
+    "ApiError",
+    "CellRequest",
+    "CellResult",
+    "Environments",
+    "ErrorBody",
+    "ErrorDetail",
+    "FileIn",
+    "Language",
+    "LanguageName",
+    "Languages",
+    "RunRequest",
+    "SessionFiles",
+    "SessionInfo",
+    "SessionList",
+    "SessionRequest",
+    "check_language",
+    "decode",
+    "file_content",
+    "resolve_limits",
+    "session_file_name",
+    "session_terms",
+    "to_job",
+]
 
 
 class ApiError(Exception):
@@ -38,39 +79,8 @@ class ApiError(Exception):
         self.retry_after = retry_after  # seconds, for 429 and 503
 
 
-class ErrorDetail(msgspec.Struct, frozen=True):
-    code: str
-    message: str
-    field: str | None = None
-    request_id: str | None = None  # the answer's X-Request-Id: quote it to the operator
-
-
 # A client's X-Request-Id is kept if it is 1-128 of these; otherwise the front makes one.
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
-
-
-class ErrorBody(msgspec.Struct, frozen=True):
-    error: ErrorDetail
-
-
-class FileIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    name: str
-    content: str
-    encoding: Literal["utf8", "base64"] = "utf8"
-
-
-EnvironmentName = Annotated[str, msgspec.Meta(max_length=64)]
-
-
-class RunRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    code: str
-    language: LanguageName = "python"
-    # Which Python and packages (GET /v1/environments); null or left out: the default.
-    environment: EnvironmentName | None = None
-    stdin: str = ""
-    args: list[str] = []
-    files: list[FileIn] = []
-    limits: LimitsIn | None = None
 
 
 class Language(msgspec.Struct, frozen=True):
@@ -88,54 +98,6 @@ class Languages(msgspec.Struct, frozen=True):
 class Environments(msgspec.Struct, frozen=True):
     default: str
     environments: list[EnvironmentInfo]
-
-
-# -- sessions ------------------------------------------------------------------------------
-
-class SessionRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A new session: its limits (memory and processes for its life; CPU time, wall time
-    and output per call), and its terms (each null or left out takes the default)."""
-
-    limits: LimitsIn | None = None
-    idle_timeout_s: float | None = None
-    ttl_s: float | None = None
-    cpu_total_s: float | None = None
-
-
-class CellRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    code: str
-    stdin: str = ""
-
-
-class SessionInfo(msgspec.Struct, frozen=True):
-    id: str
-    state: Literal["idle", "running"]
-    created_at: str
-    expires_at: str  # at the latest: an idle session ends sooner
-    idle_timeout_s: float
-    ttl_s: float
-    cpu_total_s: float
-    limits: Limits
-    calls: int
-    cpu_time_s: float  # used so far
-    memory_peak_kib: int
-
-
-class SessionList(msgspec.Struct, frozen=True):
-    sessions: list[SessionInfo]
-
-
-class CellResult(Result, kw_only=True):
-    """A session call's result record, with what the cell showed."""
-
-    outputs: list[protocol.RichOutput] = msgspec.field(default_factory=list)
-    outputs_truncated: bool = False
-    session_ended: bool = False  # this call ended the session (a limit, or exit())
-
-
-class SessionFiles(msgspec.Struct, frozen=True):
-    files: list[protocol.FileEntry]
-    truncated: bool = False
 
 
 def session_terms(request: SessionRequest, config: RunnerConfig) -> tuple[float, float, float]:

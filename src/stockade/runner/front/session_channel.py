@@ -22,7 +22,7 @@ import msgspec
 from stockade import protocol
 from stockade.limits import Limits
 from stockade.result import Outcome, Result, Status
-from stockade.sandbox import client
+from stockade.runner.front import zygote_client as client
 from stockade.sandbox.session_driver import BOOT, Caps
 
 ANSWER_GRACE_S = 5.0  # how long a file operation may take

@@ -35,16 +35,16 @@ from stockade.runner import logs
 from stockade.runner.channel import ChannelError
 from stockade.runner.config import SESSION, SESSION_TTL_BACKSTOP_S, RunnerConfig
 from stockade.runner.front import schema
+from stockade.runner.front import zygote_client as client
 from stockade.runner.front.metrics import SessionEnd
 from stockade.runner.front.pool_client import Lease, connect_trusted
 from stockade.runner.front.schema import ApiError
 from stockade.runner.front.session_channel import CallResult, SessionChannel, SessionEnded
 from stockade.runner.front.tenants import Tenant
-from stockade.sandbox import client
 from stockade.sandbox.session_driver import Caps
 
 if TYPE_CHECKING:
-    from stockade.runner.front.api import Runs
+    from stockade.runner.front.runs import Runs
 
 REAP_EVERY_S = 1.0
 RETRY_SESSION_S = 5  # Retry-After when a key or the host has no session to spare

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from stockade.result import OutFile, Result
-from stockade.runner.front.schema import ErrorBody, RunRequest
+from stockade.wire import ErrorBody, RunRequest
 
 TIMEOUT_S = 700.0  # past the largest wall-time cap an operator may configure
 MAX_ANSWER = 256 << 20

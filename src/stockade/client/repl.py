@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
-from stockade import remote
-from stockade.runner.front.schema import (
+from stockade.client import remote
+from stockade.wire import (
     CellRequest,
     CellResult,
     SessionInfo,

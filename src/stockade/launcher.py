@@ -10,7 +10,7 @@ from types import TracebackType
 
 import msgspec
 
-from stockade.sandbox import client
+from stockade.runner.front import zygote_client as client
 from stockade.sandbox.config import SandboxConfig
 
 # The zygote's whole environment: whatever the caller holds (tokens, keys) stays out.

@@ -1,9 +1,9 @@
-"""`stockade serve`: a privileged pool manager and an unprivileged HTTP front, two processes.
+"""`stockade serve`: the pool manager, the root process, and the start of the service.
 
-What needs root, and stays in the manager: building the image, /etc/subuid, creating,
-starting and destroying LXC containers, removing their cgroups, binding the listening
-socket (so any port works). The front (HTTP, validation, talking to zygotes) runs as the
-runner user with no capabilities; it reaches the pool only through a typed channel.
+What needs root stays here: the images, /etc/subuid, creating, starting and destroying LXC
+containers, removing their cgroups, binding the listening socket (so any port works). The
+HTTP front (`front/main.py`) runs as the runner user with no capabilities and reaches the
+pool only through a typed channel.
 
 The manager forks the front (`stockade serve`), or, under systemd, the front is a unit of
 its own that scores as an unprivileged service (`stockade serve --external-front` waits at
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import grp
 import logging
 import os
 import pwd
@@ -30,20 +29,13 @@ import subprocess
 import time
 from pathlib import Path
 
-from aiohttp import web
-
 from stockade import environment
 from stockade.runner import channel, keys, logs
-from stockade.runner.channel import EnvironmentInfo, Package
-from stockade.runner.config import RunnerConfig, host_memory_mib, kinds, pool_memory_cap_mib
-from stockade.runner.front.api import Api, Runs
-from stockade.runner.front.environments import Catalogue
-from stockade.runner.front.metrics import Metrics
+from stockade.runner.channel import EnvironmentInfo, Package, peer_credentials
+from stockade.runner.config import RunnerConfig, host_memory_mib, pool_memory_cap_mib
+from stockade.runner.front.main import front_main
 from stockade.runner.front.pages import Pages
-from stockade.runner.front.pool_client import PoolClient, peer_credentials
-from stockade.runner.front.sessions import Sessions
-from stockade.runner.front.tenants import Tenants
-from stockade.runner.keys import KeyRing
+from stockade.runner.lifecycle import FRONT_SOCKET, ServiceError, notify_systemd
 from stockade.runner.manager import container_policy, images
 from stockade.runner.manager.containers import ContainerError, Containers, ensure_subid_ranges
 from stockade.runner.manager.lxc_cgroups import (
@@ -56,10 +48,6 @@ from stockade.sandbox import confine, libc
 from stockade.sandbox.cgroups import CgroupError
 
 log = logging.getLogger(__name__)
-
-
-class ServiceError(RuntimeError):
-    """The service cannot start; the message says what to fix."""
 
 
 def ensure_user(name: str) -> pwd.struct_passwd:
@@ -166,24 +154,6 @@ def drop_privileges(user: pwd.struct_passwd) -> None:
     except OSError as exc:
         raise ServiceError(f"could not drop root for the front: {exc}") from None
     os.chdir("/")
-
-
-def notify_systemd(state: str) -> None:
-    """Tell systemd (Type=notify) how the service is: READY=1 once the pool is warm, so a
-    `systemctl start` (and the rolling replacement) returns only when runs can start."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    address = "\0" + path[1:] if path.startswith("@") else path
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        try:
-            sock.sendto(state.encode(), address)
-        except OSError as exc:
-            log.warning(f"cannot notify systemd ({state!r}): {exc.strerror}")
-
-
-FRONT_SOCKET = "front.sock"
-DEFAULT_FRONT_SOCKET = str(Path(RunnerConfig().run_dir) / FRONT_SOCKET)
 
 
 def serve(config: RunnerConfig, external_front: bool = False) -> int:
@@ -371,119 +341,3 @@ async def _front_exit_code(pid: int, timeout_s: float) -> int:
         await asyncio.sleep(0.05)
 
 
-def front(socket_path: str, connect_timeout_s: float) -> int:
-    """`stockade front`: the HTTP front as a service of its own, started as the runner
-    user (never root), for a manager that runs `serve --external-front`."""
-    logs.setup()
-    if os.geteuid() == 0:
-        raise ServiceError("the front runs as the runner's user, never as root: start it "
-                           "as that user (its systemd unit does), or let `stockade serve` "
-                           "fork it")
-    conn = connect_manager(socket_path, connect_timeout_s)
-    hello, listener = receive_hello(conn)
-    confine.set_no_new_privs()
-    return asyncio.run(front_main(hello.config, conn, listener, hello.environments, Pages(),
-                                  own_unit=True))
-
-
-def connect_manager(path: str, timeout_s: float) -> socket.socket:
-    """The manager's socket, once it listens, and only if root holds the other end."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            conn.connect(path)
-            break
-        except (FileNotFoundError, ConnectionRefusedError):
-            conn.close()
-            if time.monotonic() > deadline:
-                raise ServiceError(f"no pool manager listens at {path} after {timeout_s:.0f} "
-                                   "s: start it (`stockade serve --external-front`, the "
-                                   "stockade-runner unit)") from None
-            time.sleep(0.2)
-        except OSError as exc:
-            conn.close()
-            raise ServiceError(f"cannot connect to the pool manager at {path}: "
-                               f"{exc.strerror}") from None
-    _, uid, _ = peer_credentials(conn)
-    if uid != 0:
-        conn.close()
-        raise ServiceError(f"{path} is served by uid {uid}, not root: not a stockade pool "
-                           "manager; refusing it")
-    return conn
-
-
-def receive_hello(conn: socket.socket) -> tuple[channel.Hello, socket.socket]:
-    """The manager's Hello line and the listening socket it carries."""
-    data, fds, _, _ = socket.recv_fds(conn, channel.MAX_HELLO, 4)
-    listeners = [socket.socket(fileno=fd) for fd in fds]
-    try:
-        while data and not data.endswith(b"\n") and len(data) < channel.MAX_HELLO:
-            more = conn.recv(channel.MAX_HELLO - len(data))
-            if not more:
-                break
-            data += more
-        if len(listeners) != 1:
-            raise ServiceError(f"the pool manager sent {len(listeners)} sockets, not its "
-                               "listener")
-        listener = listeners[0]
-        if listener.type != socket.SOCK_STREAM or not listener.getsockopt(
-                socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            raise ServiceError("what the pool manager sent is not a listening socket")
-        try:
-            return channel.decode_hello(data), listener
-        except channel.ChannelError as exc:
-            raise ServiceError(f"the pool manager's hello: {exc}") from None
-    except BaseException:
-        for sock in listeners:
-            sock.close()
-        raise
-
-
-async def front_main(config: RunnerConfig, conn: socket.socket, listener: socket.socket,
-                     envs: list[EnvironmentInfo], pages: Pages, *,
-                     own_unit: bool = False) -> int:
-    """Serve HTTP until told to stop or the manager goes; `own_unit`: this process is its
-    systemd unit's main process (it tells systemd when it serves)."""
-    reader, writer = await asyncio.open_unix_connection(sock=conn)
-    pool = PoolClient(reader, writer, [kind.name for kind in kinds(config)])
-    ring = KeyRing(Path(config.keys_file))
-    catalogue = Catalogue(envs)
-    runs = Runs(config, pool, Metrics(catalogue.default.version))
-    sessions = Sessions(config, runs)
-    sessions.start()
-    app = Api(config, runs, Tenants(config, ring), catalogue, pages, sessions=sessions).app()
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.SockSite(runner, listener)
-    await site.start()
-    who = f"{pwd.getpwuid(os.getuid()).pw_name}:{grp.getgrgid(os.getgid()).gr_name}"
-    access = (f"{len(ring.by_id)} API keys from {config.keys_file}"
-              + (", and anonymous callers" if config.anonymous else ""))
-    logs.event(log, "serving", f"serving on http://{config.host}:{config.port} as {who}; "
-               f"{access}", host=config.host, port=config.port, keys=len(ring.by_id),
-               anonymous=config.anonymous is not None)
-    if config.anonymous is not None:
-        logs.event(log, "anonymous_access", "anyone who reaches this port may run code "
-                   "(`anonymous` is set); use API keys before serving beyond this host",
-                   level=logging.WARNING)
-    elif not ring.by_id:
-        logs.event(log, "no_keys", f"no API keys in {config.keys_file}: every run gets 401 "
-                   "until `stockade keys add NAME` makes one", level=logging.WARNING)
-    if own_unit:
-        notify_systemd(f"READY=1\nSTATUS=serving on {config.host}:{config.port}")
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
-    waiters = [asyncio.create_task(stopping.wait()),
-               asyncio.create_task(asyncio.wait([pool.closed]))]
-    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    for waiter in waiters:
-        waiter.cancel()
-    await site.stop()  # no new connections; in-flight requests go on
-    await sessions.drain()
-    drained = await runs.drain(config.drain_timeout_s)
-    await runner.cleanup()
-    writer.close()
-    return 0 if drained and stopping.is_set() else 1
