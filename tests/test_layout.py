@@ -131,8 +131,8 @@ def test_the_docs_layout_lists_every_module() -> None:
     listed, folders = set(), []
     for line in block.splitlines():
         depth = (len(line) - len(line.lstrip())) // 2 - 1
-        if depth < 0 or not line.strip() or not line.lstrip()[0].isalpha() and \
-                not line.lstrip().startswith("_"):
+        if depth < 0 or not line.strip() or (not line.lstrip()[0].isalpha() and \
+                not line.lstrip().startswith("_")):
             continue
         names = [n.strip() for n in line.lstrip().split("  ")[0].split(",")]
         if names[0].endswith("/"):
