@@ -21,7 +21,7 @@ from stockade.result import Result, Status
 from stockade.runner import logs
 from stockade.runner.channel import ChannelError, PoolStats
 from stockade.runner.config import SESSION, RunnerConfig
-from stockade.runner.front import metrics, openapi, piston, schema, streaming
+from stockade.runner.front import metrics, openapi, piston, routes, schema, streaming
 from stockade.runner.front.environments import Catalogue
 from stockade.runner.front.pages import Pages
 from stockade.runner.front.runs import RETRY_AFTER_S, RunContext, Runs
@@ -86,6 +86,21 @@ async def request_ids(request: web.Request, handler: Handler) -> web.StreamRespo
     return response
 
 
+def _route(request: web.Request) -> routes.Route | None:
+    """The table's row of the route the request matched, if it matched one."""
+    resource = request.match_info.route.resource
+    return routes.find(request.method, resource.canonical) if resource else None
+
+
+def _shape(request: web.Request) -> routes.Shape:
+    """The error body a request gets: its route's (an unknown path under Piston's prefix
+    gets Piston's)."""
+    route = _route(request)
+    if route is not None:
+        return route.shape
+    return "piston" if request.path.startswith("/api/v2/") else "native"
+
+
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure leaves as the documented error shape (Piston's on Piston's routes)."""
@@ -109,7 +124,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         headers["Retry-After"] = str(error.retry_after or RETRY_AFTER_S)
     if error.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="stockade"'
-    if request.path.startswith("/api/v2/"):
+    if _shape(request) == "piston":
         return _json(piston.PistonError(error.message, request["request_id"]), error.status,
                      headers)
     detail = schema.ErrorDetail(error.code, error.message, error.field, request["request_id"])
@@ -132,33 +147,18 @@ class Api:
         app = web.Application(middlewares=[request_ids, errors],
                               client_max_size=self.config.max_body_kib * 1024)
         app["config"] = self.config
-        app.add_routes([
-            web.post("/v1/runs", self.post_run),
-            web.get("/v1/languages", self.get_languages),
-            web.get("/v1/environments", self.get_environments),
-            web.get("/healthz", self.healthz),
-            web.get("/readyz", self.readyz),
-            web.get("/metrics", self.get_metrics),
-            web.get("/openapi.json", self.get_openapi),
-            web.post("/v1/sessions", self.post_session),
-            web.get("/v1/sessions", self.list_sessions),
-            web.get("/v1/sessions/{id}", self.get_session),
-            web.delete("/v1/sessions/{id}", self.delete_session),
-            web.post("/v1/sessions/{id}/runs", self.post_session_run),
-            web.get("/v1/sessions/{id}/files", self.list_session_files),
-            web.put("/v1/sessions/{id}/files/{path:.+}", self.put_session_file),
-            web.get("/v1/sessions/{id}/files/{path:.+}", self.get_session_file),
-            web.delete("/v1/sessions/{id}/files/{path:.+}", self.delete_session_file),
-            web.get("/api/v2/runtimes", self.piston_runtimes),
-            web.post("/api/v2/execute", self.piston_execute),
-            *self.pages.routes(),
-        ])
+        app.add_routes([*(web.route(r.method, r.server_path, getattr(self, r.handler))
+                          for r in routes.ROUTES), *self.pages.routes()])
         return app
 
-    async def _caller(self, request: web.Request, scope: str) -> Tenant:
-        """The key the request presents (or the anonymous caller), allowed `scope`."""
+    async def _caller(self, request: web.Request) -> Tenant:
+        """The key the request presents (or the anonymous caller), allowed the scope its
+        route needs (routes.py)."""
+        route = _route(request)
+        if route is None or route.scope is None:
+            raise RuntimeError(f"{request.method} {request.path} is no keyed route")
         tenant = await self.tenants.identify(request.headers.get("Authorization"))
-        tenant.check_scope(scope)
+        tenant.check_scope(route.scope)
         return tenant
 
     async def _execute(self, http: web.Request, tenant: Tenant, request: schema.RunRequest,
@@ -174,7 +174,7 @@ class Api:
         return _public(result, http["request_id"])
 
     async def post_run(self, request: web.Request) -> web.StreamResponse:
-        tenant = await self._caller(request, "runs")
+        tenant = await self._caller(request)
         body = schema.decode(await request.read(), schema.RunRequest)  # language included
         if not streaming.wanted(request):
             return _json(await self._execute(request, tenant, body))
@@ -184,17 +184,17 @@ class Api:
     # -- sessions ----------------------------------------------------------------------------
 
     async def _session(self, request: web.Request) -> tuple[Tenant, Session]:
-        tenant = await self._caller(request, "runs")
+        tenant = await self._caller(request)
         return tenant, self.sessions.find(tenant.name, request.match_info["id"])
 
     async def post_session(self, request: web.Request) -> web.Response:
-        tenant = await self._caller(request, "runs")
+        tenant = await self._caller(request)
         body = schema.decode(await request.read() or b"{}", schema.SessionRequest)
         session = await self.sessions.create(tenant, body)
         return _json(session.info(), 201, {"Location": f"/v1/sessions/{session.id}"})
 
     async def list_sessions(self, request: web.Request) -> web.Response:
-        tenant = await self._caller(request, "runs")
+        tenant = await self._caller(request)
         return _json(schema.SessionList([s.info() for s in self.sessions.live.values()
                                          if s.owner == tenant.name]))
 
@@ -300,7 +300,7 @@ class Api:
         return _json({"status": "ready", "containers": live, "size": stats.size})
 
     async def get_metrics(self, request: web.Request) -> web.Response:
-        await self._caller(request, "metrics")
+        await self._caller(request)
         self.metrics.pool.stats = await self._pool_stats()
         self.metrics.pool.idle, self.metrics.pool.leased = self.pool.idle_count, self.pool.leased
         return web.Response(body=self.metrics.render(),
@@ -316,7 +316,7 @@ class Api:
                                            env.name) for env in self.catalogue.infos])
 
     async def piston_execute(self, request: web.Request) -> web.Response:
-        tenant = await self._caller(request, "runs")
+        tenant = await self._caller(request)
         body = schema.decode(await request.read(), piston.PistonRequest)
         run = piston.to_run_request(body, self.catalogue)
         result = await self._execute(request, tenant, run)

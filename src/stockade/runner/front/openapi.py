@@ -12,7 +12,7 @@ from stockade import __version__
 from stockade.limits import BY_NAME, LimitPolicy
 from stockade.result import Result
 from stockade.runner.config import RunnerConfig
-from stockade.runner.front import piston, schema, streaming
+from stockade.runner.front import piston, routes, schema, streaming
 
 REF = "#/components/schemas/{name}"
 
@@ -48,12 +48,6 @@ def _errors(kind: str, *codes: int) -> dict[str, Any]:
     return answers
 
 
-KEYED = {"/v1/runs": "runs", "/api/v2/execute": "runs", "/metrics": "metrics",
-         **{path: "runs" for path in ("/v1/sessions", "/v1/sessions/{id}",
-                                      "/v1/sessions/{id}/runs", "/v1/sessions/{id}/files",
-                                      "/v1/sessions/{id}/files/{path}")}}
-
-
 def _with_keys(document: dict[str, Any], anonymous: tuple[str, ...]) -> dict[str, Any]:
     """The bearer scheme on every route that needs a key: optional where the anonymous
     callers' quota has the route's scope."""
@@ -61,12 +55,14 @@ def _with_keys(document: dict[str, Any], anonymous: tuple[str, ...]) -> dict[str
         "type": "http", "scheme": "bearer",
         "description": "An API key (`stk_...`) from the operator's `stockade keys add`; its "
                        "scopes (runs, metrics) say which routes it opens."}}
-    for path, scope in KEYED.items():
-        for operation in _operations(document["paths"][path]):
-            optional = scope in anonymous
-            operation["security"] = [{"apiKey": []}, *([{}] if optional else [])]
-            kind = "PistonError" if path.startswith("/api/") else "ErrorBody"
-            operation["responses"].update(_errors(kind, 401, 403, 429))
+    for route in routes.ROUTES:
+        if route.scope is None:
+            continue
+        operation = document["paths"][route.path][route.method.lower()]
+        optional = route.scope in anonymous
+        operation["security"] = [{"apiKey": []}, *([{}] if optional else [])]
+        kind = "PistonError" if route.shape == "piston" else "ErrorBody"
+        operation["responses"].update(_errors(kind, 401, 403, 429))
     return document
 
 
@@ -81,10 +77,9 @@ def _with_stream(answer: dict[str, Any]) -> dict[str, Any]:
     return answer
 
 
-def _op(summary: str, answers: dict[str, Any], *error_codes: int,
+def _op(answers: dict[str, Any], *error_codes: int,
         body: dict[str, Any] | None = None) -> dict[str, Any]:
-    operation = {"summary": summary, "responses": {**answers,
-                                                   **_errors("ErrorBody", *error_codes)}}
+    operation: dict[str, Any] = {"responses": {**answers, **_errors("ErrorBody", *error_codes)}}
     if body is not None:
         operation["requestBody"] = {"required": True, **body}
     return operation
@@ -98,48 +93,37 @@ OCTETS = {"content": {"application/octet-stream": {"schema": {"type": "string",
                                                                "format": "binary"}}}}
 
 
-def _session_paths() -> dict[str, Any]:
+def _session_operations() -> dict[tuple[str, str], dict[str, Any]]:
     """Sessions: 404 unknown (or another key's, or expired), 409 a call in progress,
     410 lost (the message says why)."""
     gone = (404, 410)
+    session, files, file = routes.SESSION, f"{routes.SESSION}/files", routes.FILE
     return {
-        "/v1/sessions": {
-            "post": _op("Start a session: an interpreter that keeps its state across calls.",
-                        {"201": _json_body("SessionInfo", "The new session.")},
-                        400, 404, 413, 422, 503, 500,
-                        body=_json_body("SessionRequest", "Limits and terms.")),
-            "get": _op("The caller's sessions.",
-                       {"200": _json_body("SessionList", "Live sessions.")})},
-        "/v1/sessions/{id}": {
-            "parameters": [SESSION_ID],
-            "get": _op("A session's state and usage so far.",
-                       {"200": _json_body("SessionInfo", "The session.")}, *gone),
-            "delete": _op("End a session (a call in progress is cancelled).", NO_CONTENT,
-                          *gone)},
-        "/v1/sessions/{id}/runs": {
-            "parameters": [SESSION_ID],
-            "post": _op("Run a cell in the session's interpreter.",
-                        {"200": _with_stream(_json_body("CellResult", "The cell's record "
-                                                        "and what it showed."))},
-                        400, 413, 422, 409, *gone, 500,
-                        body=_json_body("CellRequest", "The cell."))},
-        "/v1/sessions/{id}/files": {
-            "parameters": [SESSION_ID],
-            "get": _op("The files in the session's working directory.",
-                       {"200": _json_body("SessionFiles", "The files.")}, 409, *gone)},
-        "/v1/sessions/{id}/files/{path}": {
-            "parameters": [SESSION_ID, FILE_PATH],
-            "get": _op("A file's content.", {"200": {"description": "The content.", **OCTETS}},
-                       409, 422, *gone, 502),
-            "put": _op("Write a file (parents are made).", NO_CONTENT, 409, 413, 422, *gone,
-                       502, body={"description": "The content.", **OCTETS}),
-            "delete": _op("Remove a file.", NO_CONTENT, 409, 422, *gone, 502)},
+        ("POST", "/v1/sessions"): _op({"201": _json_body("SessionInfo", "The new session.")},
+                                      400, 404, 413, 422, 503, 500,
+                                      body=_json_body("SessionRequest", "Limits and terms.")),
+        ("GET", "/v1/sessions"): _op({"200": _json_body("SessionList", "Live sessions.")}),
+        ("GET", session): _op({"200": _json_body("SessionInfo", "The session.")}, *gone),
+        ("DELETE", session): _op(NO_CONTENT, *gone),
+        ("POST", f"{session}/runs"): _op(
+            {"200": _with_stream(_json_body("CellResult", "The cell's record and what it "
+                                            "showed."))},
+            400, 413, 422, 409, *gone, 500, body=_json_body("CellRequest", "The cell.")),
+        ("GET", files): _op({"200": _json_body("SessionFiles", "The files.")}, 409, *gone),
+        ("GET", file): _op({"200": {"description": "The content.", **OCTETS}}, 409, 422,
+                           *gone, 502),
+        ("PUT", file): _op(NO_CONTENT, 409, 413, 422, *gone, 502,
+                           body={"description": "The content.", **OCTETS}),
+        ("DELETE", file): _op(NO_CONTENT, 409, 422, *gone, 502),
     }
 
 
-def _get(summary: str, body: dict[str, Any], *error_codes: int) -> dict[str, Any]:
-    return {"get": {"summary": summary,
-                    "responses": {"200": body, **_errors("ErrorBody", *error_codes)}}}
+PATH_PARAMETERS = {routes.SESSION: [SESSION_ID], f"{routes.SESSION}/runs": [SESSION_ID],
+                   f"{routes.SESSION}/files": [SESSION_ID], routes.FILE: [SESSION_ID, FILE_PATH]}
+
+
+def _get(body: dict[str, Any], *error_codes: int) -> dict[str, Any]:
+    return {"responses": {"200": body, **_errors("ErrorBody", *error_codes)}}
 
 
 @functools.cache
@@ -152,45 +136,58 @@ def _document(limits: bytes, anonymous: tuple[str, ...],
          schema.SessionFiles,
          piston.PistonRequest, piston.PistonResponse, piston.PistonRuntime, piston.PistonError],
         ref_template=REF)
-    text = {"description": "Prometheus text format",
-            "content": {"text/plain": {"schema": {"type": "string"}}}}
-    status = {"type": "object", "additionalProperties": True}
     document = {
         "openapi": "3.1.0",
         "info": {"title": "stockade", "version": __version__,
                  "description": "Run untrusted Python in confined, warm LXC sandboxes. "
                  f"Limit policy: {limits.decode()}"},
-        "paths": {
-            "/v1/runs": {"post": {
-                "summary": "Run a program once, confined; answer with its result record.",
-                "requestBody": {"required": True, **_json_body("RunRequest", "The run.")},
-                "responses": {"200": _with_stream(_json_body("Result", "The result record.")),
-                              **_errors("ErrorBody", 400, 413, 422, 503, 500)}}},
-            **_session_paths(),
-            "/v1/languages": _get("Languages, versions, preloads and limits.",
-                                  _json_body("Languages", "What runs here.")),
-            "/v1/environments": _get("Environments: each one's Python and packages.",
-                                     _json_body("Environments", "What a run may pick.")),
-            "/healthz": _get("The runner is alive.", _json_body(status, "Alive."), 503),
-            "/readyz": _get("The pool is warm.", _json_body(status, "Ready."), 503),
-            "/metrics": _get("Prometheus metrics.", text),
-            "/openapi.json": _get("This document.", _json_body(status, "OpenAPI 3.1.")),
-            "/api/v2/runtimes": _get("Piston v2: runtimes.", _json_body(
-                {"type": "array", "items": _ref("PistonRuntime")}, "Runtimes.")),
-            "/api/v2/execute": {"post": {
-                "summary": "Piston v2: execute (files[0] is the program).",
-                "requestBody": {"required": True,
-                                **_json_body("PistonRequest", "Piston's request.")},
-                "responses": {"200": _json_body("PistonResponse", "Piston's answer."),
-                              **_errors("PistonError", 400, 413, 422, 503, 500)}}},
-        },
+        "paths": _paths(_operations()),
         "components": {"schemas": _with_environments(
             _with_limit_ranges(components, limits), environments)},
     }
     return _with_request_ids(_with_keys(document, anonymous))
 
 
-def _operations(path_item: dict[str, Any]) -> list[dict[str, Any]]:
+def _operations() -> dict[tuple[str, str], dict[str, Any]]:
+    """Each route's request and answers (routes.py gives its summary and scope)."""
+    text = {"description": "Prometheus text format",
+            "content": {"text/plain": {"schema": {"type": "string"}}}}
+    status = {"type": "object", "additionalProperties": True}
+    return {
+        ("POST", "/v1/runs"): {
+            "requestBody": {"required": True, **_json_body("RunRequest", "The run.")},
+            "responses": {"200": _with_stream(_json_body("Result", "The result record.")),
+                          **_errors("ErrorBody", 400, 413, 422, 503, 500)}},
+        **_session_operations(),
+        ("GET", "/v1/languages"): _get(_json_body("Languages", "What runs here.")),
+        ("GET", "/v1/environments"): _get(_json_body("Environments", "What a run may pick.")),
+        ("GET", "/healthz"): _get(_json_body(status, "Alive."), 503),
+        ("GET", "/readyz"): _get(_json_body(status, "Ready."), 503),
+        ("GET", "/metrics"): _get(text),
+        ("GET", "/openapi.json"): _get(_json_body(status, "OpenAPI 3.1.")),
+        ("GET", "/api/v2/runtimes"): _get(_json_body(
+            {"type": "array", "items": _ref("PistonRuntime")}, "Runtimes.")),
+        ("POST", "/api/v2/execute"): {
+            "requestBody": {"required": True,
+                            **_json_body("PistonRequest", "Piston's request.")},
+            "responses": {"200": _json_body("PistonResponse", "Piston's answer."),
+                          **_errors("PistonError", 400, 413, 422, 503, 500)}},
+    }
+
+
+def _paths(operations: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
+    """The document's paths: one operation a row of the route table, in its order."""
+    paths: dict[str, Any] = {}
+    for route in routes.ROUTES:
+        item = paths.setdefault(route.path, {})
+        if route.path in PATH_PARAMETERS:
+            item["parameters"] = PATH_PARAMETERS[route.path]
+        item[route.method.lower()] = {"summary": route.summary,
+                                      **operations[(route.method, route.path)]}
+    return paths
+
+
+def _operations_of(path_item: dict[str, Any]) -> list[dict[str, Any]]:
     return [op for key, op in path_item.items() if key != "parameters"]
 
 
@@ -207,7 +204,7 @@ def _with_request_ids(document: dict[str, Any]) -> dict[str, Any]:
         "required": True, "schema": {"type": "string"},
         "description": "This request's id: in the runner's log and in every error body."}}
     for operations in document["paths"].values():
-        for operation in _operations(operations):
+        for operation in _operations_of(operations):
             operation["parameters"] = [{"$ref": "#/components/parameters/RequestId"}]
             for answer in operation["responses"].values():
                 answer.setdefault("headers", {})["X-Request-Id"] = {
