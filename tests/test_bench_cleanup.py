@@ -41,11 +41,17 @@ def _parent(pid: int) -> int:
         return 0
 
 
+def _comm(proc: Path) -> str:
+    try:
+        return (proc / "comm").read_text(errors="replace").strip()
+    except OSError:  # gone meanwhile
+        return ""
+
+
 def _runs_with_inits(bench: int) -> bool:
     """A run's init (catatonit) below one of the bench's zygote-like processes."""
-    return any(_parent(_parent(int(p.parent.name))) == bench
-               for p in Path("/proc").glob("[0-9]*/comm")
-               if p.is_file() and p.read_text(errors="replace").strip() == "catatonit")
+    return any(_parent(_parent(int(p.name))) == bench
+               for p in Path("/proc").glob("[0-9]*") if _comm(p) == "catatonit")
 
 
 @pytest.mark.parametrize(("bench", "argv", "started"), [
