@@ -8,7 +8,8 @@
 # Lanes are for stages that hold no timing assertion and no bench: a stage that measures
 # time runs alone. On exit (failure, Ctrl-C, CI's cut-off) every lane still running is
 # interrupted (SIGINT, so its own clean-up runs), then the stages' table is printed:
-# start, duration, lane, CPU cores busy on average while it ran (of this machine's).
+# start, duration, lane, CPU cores busy on average while it ran (of this machine's). A
+# caller's `lanes_cleanup` function, if it has one, runs after the lanes have stopped.
 # One summary per run: the outermost caller owns it, nested callers add to it.
 
 LANES_LOGS=${LANES_LOGS:-build/logs}
@@ -104,6 +105,7 @@ _lanes_exit() {
     local status=$?
     trap - EXIT INT TERM
     _lanes_stop
+    if declare -F lanes_cleanup >/dev/null; then lanes_cleanup; fi  # the caller's own
     _lanes_report
     exit $status
 }
