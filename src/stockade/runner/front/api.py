@@ -1,4 +1,6 @@
-"""The HTTP front: validate, admit, dispatch to a leased container's zygote, answer.
+"""The HTTP front's handlers, one a row of the route table (`routes.py`): identify the
+caller, validate, hand the run to `runs.py` (or a session to `sessions.py`), answer; and
+the middleware that gives every answer its request id and every error the documented shape.
 
 It runs as the unprivileged runner user. Its only ways out are the pool channel and the
 zygote sockets the pool leases to it; bad input never reaches either, and never gets a 500.
