@@ -32,6 +32,7 @@ from stockade.runner.front.sessions import Session, Sessions
 from stockade.runner.front.tenants import Tenant, Tenants
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+CONFIG = web.AppKey("config", RunnerConfig)  # what the middleware reads of the config
 R = TypeVar("R", bound=Result)
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         message = exc.reason if exc.status != 413 else (
-            f"the body is over the {request.app['config'].max_body_kib} KiB cap")
+            f"the body is over the {request.app[CONFIG].max_body_kib} KiB cap")
         error = ApiError(exc.status, HTTP_ERROR_CODES.get(exc.status, "http_error"), message)
     except Exception:
         log.exception(f"request {request['request_id']}: internal error on {request.method} "
@@ -148,7 +149,7 @@ class Api:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[request_ids, errors],
                               client_max_size=self.config.max_body_kib * 1024)
-        app["config"] = self.config
+        app[CONFIG] = self.config
         app.add_routes([*(web.route(r.method, r.server_path, getattr(self, r.handler))
                           for r in routes.ROUTES), *self.pages.routes()])
         return app
