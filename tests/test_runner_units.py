@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from stockade import wire
 from stockade.limits import LimitsIn
 from stockade.result import Result, Status
 from stockade.runner.channel import EnvironmentInfo, PoolStats
@@ -89,7 +90,7 @@ def test_config_refuses_unknown_keys() -> None:
 ])
 def test_validation_errors_name_the_field(body: bytes, field: str) -> None:
     with pytest.raises(schema.ApiError) as caught:
-        schema.decode(body, schema.RunRequest)
+        schema.decode(body, wire.RunRequest)
     assert (caught.value.status, caught.value.field) == (422, field)
 
 
@@ -100,9 +101,9 @@ def test_a_piston_request_becomes_a_native_one() -> None:
         files=[piston.PistonFile("print(1)"), piston.PistonFile("ff00", encoding="hex"),
                piston.PistonFile("x", name="data.txt")])
     native = piston.to_run_request(request, CATALOGUE)
-    assert native == schema.RunRequest(
+    assert native == wire.RunRequest(
         code="print(1)", environment="python-3.11", stdin="in", args=["-v"],
-        files=[schema.FileIn("file1", "/wA=", "base64"), schema.FileIn("data.txt", "x")],
+        files=[wire.FileIn("file1", "/wA=", "base64"), wire.FileIn("data.txt", "x")],
         limits=LimitsIn(wall_time_s=2.5, memory_mib=64))
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from stockade import protocol
+from stockade import protocol, wire
 from stockade.client.repl import cells
 from stockade.limits import Limits
 from stockade.result import Result, Status
@@ -137,11 +137,11 @@ def test_a_session_that_died_with_our_request_unread_is_an_end_not_an_error() ->
 
 def test_terms_default_and_are_held_to_their_caps() -> None:
     config = RunnerConfig()
-    assert schema.session_terms(schema.SessionRequest(), config) == (600.0, 3600.0, 60.0)
-    assert schema.session_terms(schema.SessionRequest(ttl_s=5), config)[1] == 5.0
+    assert schema.session_terms(wire.SessionRequest(), config) == (600.0, 3600.0, 60.0)
+    assert schema.session_terms(wire.SessionRequest(ttl_s=5), config)[1] == 5.0
     for name, value in (("ttl_s", 0.0), ("idle_timeout_s", 1e9), ("cpu_total_s", float("nan"))):
         with pytest.raises(ApiError) as refused:
-            schema.session_terms(schema.SessionRequest(**{name: value}), config)
+            schema.session_terms(wire.SessionRequest(**{name: value}), config)
         assert (refused.value.status, refused.value.field) == (422, name)
 
 

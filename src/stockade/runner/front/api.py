@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from stockade import protocol
+from stockade import protocol, wire
 from stockade.result import Result, Status
 from stockade.runner import logs
 from stockade.runner.channel import ChannelError, PoolStats
@@ -130,8 +130,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     if _shape(request) == "piston":
         return _json(piston.PistonError(error.message, request["request_id"]), error.status,
                      headers)
-    detail = schema.ErrorDetail(error.code, error.message, error.field, request["request_id"])
-    return _json(schema.ErrorBody(detail), error.status, headers)
+    detail = wire.ErrorDetail(error.code, error.message, error.field, request["request_id"])
+    return _json(wire.ErrorBody(detail), error.status, headers)
 
 
 class Api:
@@ -164,7 +164,7 @@ class Api:
         tenant.check_scope(route.scope)
         return tenant
 
-    async def _execute(self, http: web.Request, tenant: Tenant, request: schema.RunRequest,
+    async def _execute(self, http: web.Request, tenant: Tenant, request: wire.RunRequest,
                        events: streaming.RunEvents | None = None) -> Result:
         """Every run route's one path: the typed request becomes a job within the caller's
         quota, then a result (see `_public`)."""
@@ -178,7 +178,7 @@ class Api:
 
     async def post_run(self, request: web.Request) -> web.StreamResponse:
         tenant = await self._caller(request)
-        body = schema.decode(await request.read(), schema.RunRequest)  # language included
+        body = schema.decode(await request.read(), wire.RunRequest)  # language included
         if not streaming.wanted(request):
             return _json(await self._execute(request, tenant, body))
         events = streaming.RunEvents(asyncio.get_running_loop())
@@ -192,13 +192,13 @@ class Api:
 
     async def post_session(self, request: web.Request) -> web.Response:
         tenant = await self._caller(request)
-        body = schema.decode(await request.read() or b"{}", schema.SessionRequest)
+        body = schema.decode(await request.read() or b"{}", wire.SessionRequest)
         session = await self.sessions.create(tenant, body)
         return _json(session.info(), 201, {"Location": f"/v1/sessions/{session.id}"})
 
     async def list_sessions(self, request: web.Request) -> web.Response:
         tenant = await self._caller(request)
-        return _json(schema.SessionList([s.info() for s in self.sessions.live.values()
+        return _json(wire.SessionList([s.info() for s in self.sessions.live.values()
                                          if s.owner == tenant.name]))
 
     async def get_session(self, request: web.Request) -> web.Response:
@@ -212,7 +212,7 @@ class Api:
 
     async def post_session_run(self, request: web.Request) -> web.StreamResponse:
         tenant, session = await self._session(request)
-        body = schema.decode(await request.read(), schema.CellRequest)
+        body = schema.decode(await request.read(), wire.CellRequest)
         cell = protocol.Cell(body.code, body.stdin)
         if not streaming.wanted(request):
             return _json(await self._session_call(request, tenant, session, cell))
@@ -222,7 +222,7 @@ class Api:
 
     async def _session_call(self, http: web.Request, tenant: Tenant, session: Session,
                             cell: protocol.Cell,
-                            events: streaming.RunEvents | None = None) -> schema.CellResult:
+                            events: streaming.RunEvents | None = None) -> wire.CellResult:
         started = time.monotonic()
         result = await self.sessions.call(tenant, session, cell,
                                           events.output if events else None,
@@ -240,7 +240,7 @@ class Api:
         _, session = await self._session(request)
         answer = await self.sessions.file(session, protocol.FileList())
         listing = _expect(answer, protocol.FileEntries)
-        return _json(schema.SessionFiles(listing.files, listing.truncated))
+        return _json(wire.SessionFiles(listing.files, listing.truncated))
 
     async def put_session_file(self, request: web.Request) -> web.Response:
         _, session = await self._session(request)
@@ -269,8 +269,8 @@ class Api:
 
     def _language(self) -> schema.Language:
         default = self.catalogue.default
-        return schema.Language(name=schema.LANGUAGE, version=default.version,
-                               aliases=schema.ALIASES, preloaded=default.preloaded)
+        return schema.Language(name=wire.LANGUAGE, version=default.version,
+                               aliases=wire.ALIASES, preloaded=default.preloaded)
 
     async def get_languages(self, _request: web.Request) -> web.Response:
         return _json(schema.Languages([self._language()], self.config.limits))
@@ -315,7 +315,7 @@ class Api:
     # -- Piston v2 ---------------------------------------------------------------------------
 
     async def piston_runtimes(self, _request: web.Request) -> web.Response:
-        return _json([piston.PistonRuntime(schema.LANGUAGE, env.version, schema.ALIASES,
+        return _json([piston.PistonRuntime(wire.LANGUAGE, env.version, wire.ALIASES,
                                            env.name) for env in self.catalogue.infos])
 
     async def piston_execute(self, request: web.Request) -> web.Response:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import re
 
 from stockade.runner.channel import EnvironmentInfo
-from stockade.runner.front.schema import LANGUAGE, ApiError, Environments
+from stockade.runner.front.schema import ApiError, Environments
+from stockade.wire import LANGUAGE
 
 _PISTON_VERSION = re.compile(r"^(?:[0-9]+|[x*])(?:\.(?:[0-9]+|[x*])){0,2}$", re.IGNORECASE)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from stockade import __version__
+from stockade import __version__, wire
 from stockade.limits import BY_NAME, LimitPolicy
 from stockade.result import Result
 from stockade.runner.config import RunnerConfig
@@ -118,10 +118,6 @@ def _session_operations() -> dict[tuple[str, str], dict[str, Any]]:
     }
 
 
-PATH_PARAMETERS = {routes.SESSION: [SESSION_ID], f"{routes.SESSION}/runs": [SESSION_ID],
-                   f"{routes.SESSION}/files": [SESSION_ID], routes.FILE: [SESSION_ID, FILE_PATH]}
-
-
 def _get(body: dict[str, Any], *error_codes: int) -> dict[str, Any]:
     return {"responses": {"200": body, **_errors("ErrorBody", *error_codes)}}
 
@@ -130,10 +126,10 @@ def _get(body: dict[str, Any], *error_codes: int) -> dict[str, Any]:
 def _document(limits: bytes, anonymous: tuple[str, ...],
               environments: tuple[str, ...]) -> dict[str, Any]:
     _, components = msgspec.json.schema_components(
-        [schema.RunRequest, Result, schema.ErrorBody, schema.Languages, schema.Environments,
-         schema.SessionRequest,
-         schema.SessionInfo, schema.SessionList, schema.CellRequest, schema.CellResult,
-         schema.SessionFiles,
+        [wire.RunRequest, Result, wire.ErrorBody, schema.Languages, schema.Environments,
+         wire.SessionRequest,
+         wire.SessionInfo, wire.SessionList, wire.CellRequest, wire.CellResult,
+         wire.SessionFiles,
          piston.PistonRequest, piston.PistonResponse, piston.PistonRuntime, piston.PistonError],
         ref_template=REF)
     document = {
@@ -180,8 +176,10 @@ def _paths(operations: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for route in routes.ROUTES:
         item = paths.setdefault(route.path, {})
-        if route.path in PATH_PARAMETERS:
-            item["parameters"] = PATH_PARAMETERS[route.path]
+        parameters = [spec for spec in (SESSION_ID, FILE_PATH)
+                      if f"{{{spec['name']}}}" in route.path]
+        if parameters:
+            item["parameters"] = parameters
         item[route.method.lower()] = {"summary": route.summary,
                                       **operations[(route.method, route.path)]}
     return paths

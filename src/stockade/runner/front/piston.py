@@ -12,14 +12,8 @@ import msgspec
 from stockade.limits import LimitsIn
 from stockade.result import Result, Status
 from stockade.runner.front.environments import Catalogue
-from stockade.runner.front.schema import (
-    LANGUAGE,
-    ApiError,
-    FileIn,
-    RunRequest,
-    check_language,
-    file_content,
-)
+from stockade.runner.front.schema import ApiError, check_language, file_content
+from stockade.wire import LANGUAGE, FileIn, RunRequest
 
 
 class PistonFile(msgspec.Struct, frozen=True):

@@ -21,51 +21,7 @@ from stockade.limits import LimitError, LimitPolicy, Limits, LimitsIn
 from stockade.runner.channel import EnvironmentInfo
 from stockade.runner.config import RunnerConfig
 from stockade.runner.front.zygote_client import Job
-from stockade.wire import (
-    ALIASES,
-    LANGUAGE,
-    CellRequest,
-    CellResult,
-    ErrorBody,
-    ErrorDetail,
-    FileIn,
-    LanguageName,
-    RunRequest,
-    SessionFiles,
-    SessionInfo,
-    SessionList,
-    SessionRequest,
-)
-
-# The API's shapes (stockade/wire.py) are named here too: the front speaks of them as
-# schema.RunRequest and the like.
-__all__ = [
-    "ALIASES",
-    "LANGUAGE",
-    "REQUEST_ID",
-    "ApiError",
-    "CellRequest",
-    "CellResult",
-    "Environments",
-    "ErrorBody",
-    "ErrorDetail",
-    "FileIn",
-    "Language",
-    "LanguageName",
-    "Languages",
-    "RunRequest",
-    "SessionFiles",
-    "SessionInfo",
-    "SessionList",
-    "SessionRequest",
-    "check_language",
-    "decode",
-    "file_content",
-    "resolve_limits",
-    "session_file_name",
-    "session_terms",
-    "to_job",
-]
+from stockade.wire import ALIASES, LANGUAGE, FileIn, RunRequest, SessionRequest
 
 
 class ApiError(Exception):

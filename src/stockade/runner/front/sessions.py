@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from stockade import protocol
+from stockade import protocol, wire
 from stockade.limits import Limits
 from stockade.result import Result, Status
 from stockade.runner import logs
@@ -90,8 +90,8 @@ class Session:
     # How and why the front ended it while a call was in progress (see Sessions.end).
     ending: tuple[SessionEnd, str | None] | None = None
 
-    def info(self) -> schema.SessionInfo:
-        return schema.SessionInfo(
+    def info(self) -> wire.SessionInfo:
+        return wire.SessionInfo(
             id=self.id, state="running" if self.busy else "idle",
             created_at=_iso(self.created_at), expires_at=_iso(self.created_at + self.ttl_s),
             idle_timeout_s=self.idle_timeout_s, ttl_s=self.ttl_s,
@@ -168,7 +168,7 @@ class Sessions:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    async def create(self, tenant: Tenant, request: schema.SessionRequest) -> Session:
+    async def create(self, tenant: Tenant, request: wire.SessionRequest) -> Session:
         if not self.config.sessions.pool_size:
             raise ApiError(404, "sessions_disabled", "this runner serves no sessions "
                            "(its sessions.pool_size is 0)")
@@ -249,7 +249,7 @@ class Sessions:
 
     async def call(self, tenant: Tenant, session: Session, cell: protocol.Cell,
                    sink: client.OutputSink | None = None,
-                   started: Callable[[], None] | None = None) -> schema.CellResult:
+                   started: Callable[[], None] | None = None) -> wire.CellResult:
         """Run a cell. A session found gone before the cell began is a 410; one that a cell
         ends (a limit, exit()) answers this call with the record, and 410 after."""
         async with self._busy(session):
@@ -276,7 +276,7 @@ class Sessions:
                 self._lost(session, done.result)  # this call's answer says how
         record = done.result
         fields = {f: getattr(record, f) for f in record.__struct_fields__}
-        return schema.CellResult(**fields, outputs=done.outputs,
+        return wire.CellResult(**fields, outputs=done.outputs,
                                  outputs_truncated=done.outputs_truncated,
                                  session_ended=done.ended)
 
