@@ -14,7 +14,15 @@ from pathlib import Path
 import msgspec
 
 from stockade import limits as limits_module
-from stockade.cli_args import KEY_ENV, UsageError, build_parser
+from stockade.cli_args import (
+    EXIT_FAILED,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_USAGE,
+    KEY_ENV,
+    UsageError,
+    build_parser,
+)
 from stockade.limits import LimitError, LimitPolicy, LimitsIn
 from stockade.result import Result, Status
 from stockade.runner import config as runner_config
@@ -22,11 +30,9 @@ from stockade.runner import keys
 from stockade.runner.config import RunnerConfig
 from stockade.wire import FileIn, RunRequest
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 MAX_STDIN = 16 << 20
 MAX_SOURCE = 4 << 20
 MAX_INPUT_FILE = 16 << 20
-
 
 
 def _read_capped(path: str, cap: int) -> bytes:

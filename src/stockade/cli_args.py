@@ -10,6 +10,7 @@ from stockade import limits as limits_module
 from stockade.runner.config import DEFAULT_CONFIG_PATH as DEFAULT_CONFIG
 from stockade.runner.keys import SCOPES
 
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3  # see cli.py's docstring
 KEY_ENV = "STOCKADE_API_KEY"  # an environment variable, so the key stays out of `ps`
 
 class UsageError(Exception):

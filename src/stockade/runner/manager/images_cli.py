@@ -12,8 +12,7 @@ from typing import Any
 import msgspec
 
 from stockade import environment
-from stockade.cli import EXIT_INTERNAL, EXIT_OK
-from stockade.cli_args import UsageError
+from stockade.cli_args import EXIT_INTERNAL, EXIT_OK, UsageError
 from stockade.environment import Environment
 from stockade.runner.config import RunnerConfig
 from stockade.runner.manager import image_list, images
