@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import load
 
 BARE = ("/usr/bin/python3", "-S", "-c", "pass")
 SMOKE_S = 2.0  # the longest a measuring phase may last under --smoke
@@ -73,9 +74,9 @@ def _measure(concurrency: int, seconds: float, argv: tuple[str, ...]) -> dict[st
     for thread in threads:
         thread.join()
     took = time.monotonic() - started
-    every = sorted(t for per_thread in times for t in per_thread)
-    return {"per_s": len(every) / took, "p50_ms": statistics.median(every) * 1000,
-            "p95_ms": every[int(0.95 * (len(every) - 1))] * 1000}
+    every = [t for per_thread in times for t in per_thread]
+    return {"per_s": len(every) / took, "p50_ms": load.median_ms(every),
+            "p95_ms": load.percentile(every, 0.95) * 1000}
 
 
 def rate(concurrency: int, seconds: float, argv: tuple[str, ...] = BARE) -> Rate:

@@ -213,8 +213,8 @@ def end_descendants() -> None:
     """Kill and reap whatever this process's runs left (an init whose worker died): it is
     the subreaper of everything it started."""
     while True:
-        mine = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
-                if _ppid(p) == os.getpid()]
+        mine = [int(p.name) for p in Path("/proc").glob("[0-9]*")
+                if parent_pid(int(p.name)) == os.getpid()]
         if not mine:
             return
         for pid in mine:
@@ -225,9 +225,10 @@ def end_descendants() -> None:
                 os.waitpid(pid, 0)
 
 
-def _ppid(stat: Path) -> int:
+def parent_pid(pid: int) -> int:
+    """A process's parent, from /proc (0 if it is gone)."""
     try:
-        return int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return 0
 

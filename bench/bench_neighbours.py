@@ -36,9 +36,8 @@ def quiet_client(port: int, rounds: int, key: str | None = None) -> list[float]:
 
 
 def summary(prefix: str, samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {f"{prefix}_median_ms": statistics.median(samples) * 1000,
-            f"{prefix}_p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000}
+    return {f"{prefix}_median_ms": load.median_ms(samples),
+            f"{prefix}_p99_ms": load.percentile(samples, 0.99) * 1000}
 
 
 def under_flood(runner: RunnerProcess, connections: int, rounds: int,

@@ -39,8 +39,7 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def ms(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3
+    return load.percentile(values, q) * 1e3
 
 
 def confined(sock: object, job: client.Job) -> Callable[[], None]:

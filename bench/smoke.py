@@ -66,6 +66,14 @@ def leftovers() -> set[str]:
     return found
 
 
+def left_since(before: set[str], settle_s: float = SETTLE_S) -> list[str]:
+    """What is there now and was not `before`, once it has had `settle_s` to go."""
+    deadline = time.monotonic() + settle_s
+    while (left := leftovers() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return sorted(left)
+
+
 def run_one(name: str) -> list[str]:
     """Run one bench; the problems with it (none: it passed)."""
     before = leftovers()
@@ -86,10 +94,7 @@ def run_one(name: str) -> list[str]:
         problems.append(f"{name} exited {done.returncode}")
     elif not ROWS.search(done.stdout):
         problems.append(f"{name} did not print all its rows (no closing 'bench: N rows')")
-    deadline = time.monotonic() + SETTLE_S
-    while (left := leftovers() - before) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    problems += [f"{name} left {thing}" for thing in sorted(left)]
+    problems += [f"{name} left {thing}" for thing in left_since(before)]
     print(f"== bench-smoke: {name}: {'ok' if not problems else 'FAILED'} in {took:.0f} s")
     return problems
 

@@ -6,6 +6,7 @@ step or a decrease is not. `make soak` runs 10 minutes; `SOAK_S=60 make soak` a 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import itertools
 import json
 import threading
@@ -99,17 +100,16 @@ def sampled_load(runner: RunnerProcess, proxy: NginxProcess,
     """The load for `seconds`, with SAMPLES footprints taken evenly through it, each with
     the number of runs answered by then."""
     outcomes: Counter[str] = Counter()
-    done: list[tuple[Counter[str], list[str]]] = []
-    worker = threading.Thread(target=lambda: done.append(load(proxy, seconds, outcomes)))
-    worker.start()
     runs, samples = [], []
-    started = time.monotonic()
-    for index in range(1, SAMPLES + 1):
-        time.sleep(max(0.0, started + index * seconds / (SAMPLES + 1) - time.monotonic()))
-        samples.append(footprint(runner))
-        runs.append(float(sum(outcomes.values())))
-    worker.join()
-    return outcomes, done[0][1], runs, samples
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(load, proxy, seconds, outcomes)
+        started = time.monotonic()
+        for index in range(1, SAMPLES + 1):
+            time.sleep(max(0.0, started + index * seconds / (SAMPLES + 1) - time.monotonic()))
+            samples.append(footprint(runner))
+            runs.append(float(sum(outcomes.values())))
+        _, wrong = loading.result()
+    return outcomes, wrong, runs, samples
 
 
 def main() -> int:

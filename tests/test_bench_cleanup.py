@@ -16,13 +16,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 import smoke  # noqa: E402 - bench/ is not a package
-
-
-def settled_leftovers(before: set[str], within_s: float = 15.0) -> list[str]:
-    deadline = time.monotonic() + within_s
-    while (left := smoke.leftovers() - before) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return sorted(left)
+from bench_layers import parent_pid  # noqa: E402
 
 
 def test_bench_layers_leaves_nothing_when_it_ends() -> None:
@@ -31,14 +25,7 @@ def test_bench_layers_leaves_nothing_when_it_ends() -> None:
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| the zygote's own run (every layer) |" in done.stdout
-    assert settled_leftovers(before) == []
-
-
-def _parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
+    assert smoke.left_since(before, settle_s=15.0) == []
 
 
 def _comm(proc: Path) -> str:
@@ -50,7 +37,7 @@ def _comm(proc: Path) -> str:
 
 def _runs_with_inits(bench: int) -> bool:
     """A run's init (catatonit) below one of the bench's zygote-like processes."""
-    return any(_parent(_parent(int(p.name))) == bench
+    return any(parent_pid(parent_pid(int(p.name))) == bench
                for p in Path("/proc").glob("[0-9]*") if _comm(p) == "catatonit")
 
 
@@ -80,4 +67,4 @@ def test_an_interrupted_bench_leaves_nothing(bench: str, argv: list[str],
             proc.kill()
             proc.wait()
     assert proc.returncode != 0 and "KeyboardInterrupt" in errors, errors[-2000:]
-    assert settled_leftovers(before) == []
+    assert smoke.left_since(before, settle_s=15.0) == []
