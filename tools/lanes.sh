@@ -25,6 +25,10 @@ _lanes_cpu() {  # busy and total jiffies of the whole machine
     awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat
 }
 
+_lanes_verdict() {  # STATUS WORD: WORD when STATUS is 0, else FAILED (STATUS)
+    if [ "$1" = 0 ]; then echo "$2"; else echo "FAILED ($1)"; fi
+}
+
 _lanes_clock() {
     local s=$(($(date +%s) - LANES_T0))
     printf '%d:%02d' $((s / 60)) $((s % 60))
@@ -42,10 +46,10 @@ stage() {
     cores=$(awk -v b=$((busy1 - busy0)) -v t=$((total1 - total0)) -v n="$(nproc)" \
         'BEGIN { printf "%.1f", (t > 0 ? n * b / t : 0) }')
     printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$((begin - LANES_T0))" "$took" "$LANES_NAME" \
-        "$cores" "$([ $status = 0 ] && echo ok || echo "FAILED ($status)")" "$name" \
+        "$cores" "$(_lanes_verdict $status ok)" "$name" \
         >>"$LANES_SUMMARY"
-    echo "== [$(_lanes_clock)] $name: $([ $status = 0 ] && echo done || echo "FAILED ($status)")" \
-        "in ${took} s, ${cores} cores busy"
+    echo "== [$(_lanes_clock)] $name: $(_lanes_verdict $status done) in ${took} s," \
+        "${cores} cores busy"
     return $status
 }
 
@@ -68,8 +72,7 @@ join() {
     local name=$1 status=0
     wait "${LANES_PID[$name]}" || status=$?
     unset "LANES_PID[$name]"
-    echo "== [$(_lanes_clock)] lane $name ended ($([ $status = 0 ] && echo ok || echo \
-        "FAILED ($status)")); its output:"
+    echo "== [$(_lanes_clock)] lane $name ended ($(_lanes_verdict $status ok)); its output:"
     sed 's/^/    /' "$LANES_LOGS/lane-$name.log"
     return $status
 }
