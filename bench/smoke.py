@@ -6,7 +6,9 @@ images (`make sandbox-image`).
 
 Every bench names what it makes `stockade-bench-*` (a runner's containers, cgroups, mounts
 and run directory; bench_layers' cgroup parent and directories), or `bench-*` under the
-zygotes' `stockade` cgroup; a run's init is catatonit. That is what is looked for.
+zygotes' `stockade` cgroup; the benches themselves are `bench/bench_*.py`; a run's init
+is catatonit, and one is the bench's when it is orphaned or below a process of the bench's.
+That is what is looked for.
 """
 
 from __future__ import annotations
@@ -28,21 +30,41 @@ ROWS = re.compile(r"^bench: (\d+) rows, pid \d+$", re.MULTILINE)
 MARK = "stockade-bench"
 
 
-def _processes() -> set[str]:
-    found = set()
+def _process_table() -> dict[int, tuple[int, str, str, str]]:
+    """Every process now: pid -> (parent, start tick, command line, cgroups)."""
+    table = {}
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(
                 errors="replace")
             cgroup = (proc / "cgroup").read_text()
-            start = (proc / "stat").read_text().rsplit(")", 1)[1].split()[19]
-        except (OSError, IndexError):
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            table[int(proc.name)] = (int(stat[1]), stat[19], cmdline, cgroup)
+        except (OSError, IndexError, ValueError):
             continue
-        if proc.name == str(os.getpid()):
+    return table
+
+
+def _processes() -> set[str]:
+    """A bench's processes: named or placed as its own, and the run inits (catatonit) it
+    left: orphaned, or below one of its own. Not every catatonit: a zygote of the tests or
+    of a runner on this host keeps one ready for its next run, and may start it at any
+    moment (a scan during its spawn sees the zygote's command line, the next the init's)."""
+    table = _process_table()
+
+    def marked(pid: int) -> bool:
+        _, _, cmdline, cgroup = table.get(pid, (0, "", "", ""))
+        return (MARK in cmdline or "/bench/bench_" in cmdline or MARK in cgroup
+                or "/stockade/bench-" in cgroup)
+
+    found = set()
+    for pid, (parent, start, cmdline, _) in table.items():
+        if pid == os.getpid():
             continue
-        if MARK in cmdline or MARK in cgroup or "/stockade/bench-" in cgroup \
-                or cmdline.startswith("/usr/bin/catatonit"):
-            found.add(f"process {proc.name} (started at tick {start}): {cmdline[:120]}")
+        orphaned_init = cmdline.startswith("/usr/bin/catatonit") and (
+            parent == 1 or marked(parent))
+        if marked(pid) or orphaned_init:
+            found.add(f"process {pid} (started at tick {start}): {cmdline[:120]}")
     return found
 
 

@@ -4,6 +4,7 @@ part-way (bench/smoke.py's `leftovers` is what `make bench-smoke` checks too).""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -26,6 +27,30 @@ def test_bench_layers_leaves_nothing_when_it_ends() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| the zygote's own run (every layer) |" in done.stdout
     assert smoke.left_since(before, settle_s=15.0) == []
+
+
+def test_a_run_init_is_the_benchs_only_when_it_is_orphaned_or_below_the_bench() -> None:
+    """A zygote of the tests or of a runner keeps an init ready for its next run, and may
+    start one at any moment: that is no bench's leftover. One below a bench's process is."""
+    def inits(found: set[str]) -> set[int]:
+        return {int(line.split()[1]) for line in found
+                if line.split(": ", 1)[1].startswith("/usr/bin/catatonit")}
+
+    kept = subprocess.Popen(["/usr/bin/catatonit", "-P"])
+    below = subprocess.Popen(["/bin/sh", "-c", "/usr/bin/catatonit -P & wait", "stockade-bench-t"])
+    try:
+        deadline = time.monotonic() + 10
+        while len(inits(smoke.leftovers())) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        found = smoke.leftovers()
+        assert kept.pid not in inits(found)
+        assert [parent_pid(pid) for pid in inits(found)] == [below.pid], found
+    finally:
+        for pid in inits(smoke.leftovers()):
+            os.kill(pid, signal.SIGKILL)
+        for proc in (kept, below):
+            proc.kill()
+            proc.wait()
 
 
 def _comm(proc: Path) -> str:
