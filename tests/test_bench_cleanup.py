@@ -53,6 +53,10 @@ def test_a_run_init_is_the_benchs_only_when_it_is_orphaned_or_below_the_bench() 
             proc.wait()
 
 
+def _interruptible() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _comm(proc: Path) -> str:
     try:
         return (proc / "comm").read_text(errors="replace").strip()
@@ -76,8 +80,11 @@ def _runs_with_inits(bench: int) -> bool:
 def test_an_interrupted_bench_leaves_nothing(bench: str, argv: list[str],
                                              started: Callable[[int], bool]) -> None:
     before = smoke.leftovers()
+    # Ctrl-C's default, whatever this process was started with (a background job's shell
+    # ignores SIGINT, and so would the bench, which would then run to its end).
     proc = subprocess.Popen([sys.executable, str(BENCH / f"{bench}.py"), *argv],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_interruptible)  # noqa: PLW1509 - one signal call
     try:
         deadline = time.monotonic() + 240
         while not started(proc.pid) and proc.poll() is None:
