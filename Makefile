@@ -22,7 +22,7 @@ SERVE_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libseccomp2 ma
 TEST_PACKAGES := nginx-light openssh-client dnsmasq-base nftables fdisk qemu-utils \
 	qemu-system-x86 git openssl prometheus chromium chromium-driver
 # The venv: serving (the runner, the preloads, Ansible for the image build), then the tests.
-SERVE_EXTRAS := runner,preload,build
+SERVE_EXTRAS := runner,preload,build,client
 TEST_EXTRAS := $(SERVE_EXTRAS),dev,ops
 LOGS := build/logs
 STEP := tools/step

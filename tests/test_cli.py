@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stockade.client import remote
+from stockade import client
 from stockade.result import OutFile
 from stockade.runner.local import RunnerProcess
 
@@ -152,10 +152,10 @@ def test_saved_files_never_leave_the_directory_or_follow_links(tmp_path: Path) -
     out.mkdir()
     (out / "link").symlink_to(target)
     for name in ("../escape", "/etc/passwd", "a//b", "link/x", "link"):
-        with pytest.raises((remote.RemoteError, OSError)):
-            remote.save_files([OutFile(name=name, content="x")], out)
-    with pytest.raises(remote.RemoteError, match="invalid base64"):
-        remote.save_files([OutFile(name="x", content="!!", encoding="base64")], out)
+        with pytest.raises((client.AnswerError, OSError)):
+            client.save_files([OutFile(name=name, content="x")], out)
+    with pytest.raises(client.AnswerError, match="invalid base64"):
+        client.save_files([OutFile(name="x", content="!!", encoding="base64")], out)
     assert list(target.iterdir()) == [] and not (tmp_path / "escape").exists()
 
 

@@ -111,7 +111,7 @@ def test_the_client_commands_load_neither_process(tmp_path: Path, argv: list[str
     program.write_text("print(1)\n")
     names, done = imported_by([str(program) if a == "PROGRAM" else a for a in argv])
     assert done.returncode != 0 and "127.0.0.1:9" in done.stderr, done.stderr[-2000:]
-    assert "stockade.client.remote" in names
+    assert "stockade.client.sync" in names
     assert reached(names, (*MANAGER, "stockade.runner.front", "aiohttp")) == []
 
 

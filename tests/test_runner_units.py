@@ -16,7 +16,7 @@ import pytest
 from stockade import wire
 from stockade.limits import LimitsIn
 from stockade.result import Result, Status
-from stockade.runner.channel import EnvironmentInfo, PoolStats
+from stockade.runner.channel import PoolStats
 from stockade.runner.config import FULL, LEAN, EnvironmentPools, RunnerConfig, kind_for
 from stockade.runner.front import nginx, piston, schema
 from stockade.runner.front.environments import Catalogue
@@ -25,6 +25,7 @@ from stockade.runner.front.pool_client import Lease, connect_trusted
 from stockade.runner.front.runs import retire_reason
 from stockade.runner.manager.apparmor import PROFILE as APPARMOR_PROFILE
 from stockade.runner.manager.containers import ContainerError, apparmor_profile
+from stockade.wire import EnvironmentInfo
 
 
 def _info(name: str, version: str, default: bool = False) -> EnvironmentInfo:

@@ -18,7 +18,7 @@ import pytest
 from stockade import protocol, wire
 from stockade.client.repl import cells
 from stockade.limits import Limits
-from stockade.result import Result, Status
+from stockade.result import FileEntry, Result, RichOutput, Status
 from stockade.runner.config import RunnerConfig, SessionPolicy
 from stockade.runner.front import schema
 from stockade.runner.front.runs import retire_reason
@@ -46,7 +46,7 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[Kernel]:
 def test_a_cells_last_expression_is_shown_and_names_persist(kernel: Kernel) -> None:
     assert kernel.run_cell(protocol.Cell("x = 2")) == protocol.CellDone(False)
     done = kernel.run_cell(protocol.Cell("y = x * 21\ny"))
-    assert done.outputs == [protocol.RichOutput("text/plain", "42")]
+    assert done.outputs == [RichOutput("text/plain", "42")]
     walrus = kernel.run_cell(protocol.Cell("(z := y + 1)"))  # binds in the namespace too
     assert walrus.outputs[0].data == "43"
     assert kernel.run_cell(protocol.Cell("z")).outputs[0].data == "43"
@@ -100,8 +100,8 @@ def test_file_operations_stay_in_the_workdir_and_never_follow_a_link(
     put_over_link = session_driver.file_op(protocol.FilePut("link", b"x"), caps)
     assert put_over_link.reason == "invalid"  # O_NOFOLLOW: ELOOP
     listing = session_driver.file_op(protocol.FileList(), caps)
-    assert listing == protocol.FileEntries([protocol.FileEntry("a/b.txt", 5),
-                                            protocol.FileEntry("big", 11)])
+    assert listing == protocol.FileEntries([FileEntry("a/b.txt", 5),
+                                            FileEntry("big", 11)])
     assert session_driver.file_op(protocol.FileDelete("a/b.txt"), caps) == protocol.OpDone()
     assert not (tmp_path / "a" / "b.txt").exists()
 

@@ -9,6 +9,7 @@ import grp
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -28,7 +29,7 @@ from stockade.result import Result, Status
 from stockade.runner import config as runner_config
 from stockade.runner import keys
 from stockade.runner.config import RunnerConfig
-from stockade.wire import FileIn, RunRequest
+from stockade.wire import FileIn
 
 MAX_STDIN = 16 << 20
 MAX_SOURCE = 4 << 20
@@ -243,52 +244,76 @@ def _run_stdin(path: str | None) -> str:
         raise UsageError("stdin is not UTF-8 text") from None
 
 
-def _write_through(stream: str, text: str) -> None:
-    out = sys.stdout if stream == "stdout" else sys.stderr
-    out.write(text)
-    out.flush()
+def _remote(action: Callable[[], int]) -> int:
+    """`action`, a client's call to a runner, with its failures as the CLI's: a refusal of
+    the caller's input is a usage error (exit 2); any other failure, one line and exit 3."""
+    try:
+        from stockade import client  # noqa: PLC0415 - keeps `exec` light
+    except ImportError as exc:
+        raise UsageError(f"this command needs the client extra (pip install "
+                         f"'stockade[client]'): {exc}") from None
+    try:
+        return action()
+    except client.ApiError as exc:
+        if 400 <= exc.status < 500:
+            raise UsageError(f"refused: {exc}") from None
+        print(f"stockade: refused: {exc}", file=sys.stderr)
+    except client.StockadeError as exc:
+        print(f"stockade: {exc}", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from stockade.client import remote  # noqa: PLC0415 - keeps `exec` light
-
     if args.stream and args.json:
         raise UsageError("--stream prints the output as it comes; --json prints one record "
                          "at the end: choose one")
-    request = RunRequest(code=_read_source(args.file), stdin=_run_stdin(args.stdin),
-                         args=list(args.args), files=[_input_file(f) for f in args.files],
-                         limits=_requested_limits(args))
-    try:
-        result = remote.run(args.url, request, os.environ.get(KEY_ENV),
-                            _write_through if args.stream else None)
-        saved = remote.save_files(result.files, Path(args.out)) if args.out else []
-    except remote.RemoteError as exc:
-        if exc.usage:
-            raise UsageError(str(exc)) from None
-        print(f"stockade: {exc}", file=sys.stderr)
-        return EXIT_INTERNAL
-    except OSError as exc:
-        raise UsageError(f"cannot save files to {args.out}: {exc.strerror}") from None
-    _print(result, args.json, output=not args.stream)
-    for path in saved:
-        print(f"stockade: saved {path}", file=sys.stderr)
-    return exit_status(result)
+    code, stdin = _read_source(args.file), _run_stdin(args.stdin)
+    files, limits = [_input_file(f) for f in args.files], _requested_limits(args)
+
+    def run() -> int:
+        from stockade import client  # noqa: PLC0415 - keeps `exec` light
+
+        with client.Client(_url(args.url), os.environ.get(KEY_ENV)) as runner:
+            if args.stream:
+                with runner.stream(code, stdin=stdin, args=args.args, files=files,
+                                   limits=limits) as stream:
+                    for output in stream:
+                        target = sys.stdout if output.stream == "stdout" else sys.stderr
+                        target.write(output.text)
+                        target.flush()
+                    result = stream.result
+            else:
+                result = runner.run(code, stdin=stdin, args=args.args, files=files,
+                                    limits=limits)
+        try:
+            saved = client.save_files(result.files, args.out) if args.out else []
+        except OSError as exc:
+            raise UsageError(f"cannot save files to {args.out}: {exc.strerror}") from None
+        _print(result, args.json, output=not args.stream)
+        for path in saved:
+            print(f"stockade: saved {path}", file=sys.stderr)
+        return exit_status(result)
+    return _remote(run)
 
 
 def cmd_session(args: argparse.Namespace) -> int:
-    from stockade.client import remote, repl  # noqa: PLC0415 - keeps `exec` light
-    from stockade.wire import SessionRequest  # noqa: PLC0415
+    files = dict(_named_file(spec) for spec in args.files)
 
-    request = SessionRequest(limits=_requested_limits(args), idle_timeout_s=args.idle_timeout,
-                             ttl_s=args.ttl, cpu_total_s=args.cpu_total)
-    try:
-        return repl.main(remote.Runner(args.url, os.environ.get(KEY_ENV)), request,
-                         Path(args.out), dict(_named_file(spec) for spec in args.files))
-    except remote.RemoteError as exc:
-        if exc.usage:
-            raise UsageError(str(exc)) from None
-        print(f"stockade: {exc}", file=sys.stderr)
-        return EXIT_INTERNAL
+    def session() -> int:
+        from stockade import client  # noqa: PLC0415 - keeps `exec` light
+        from stockade.client import repl  # noqa: PLC0415
+
+        with client.Client(_url(args.url), os.environ.get(KEY_ENV)) as runner:
+            return repl.main(runner, Path(args.out), files, limits=_requested_limits(args),
+                             idle_timeout_s=args.idle_timeout, ttl_s=args.ttl,
+                             cpu_total_s=args.cpu_total)
+    return _remote(session)
+
+
+def _url(url: str) -> str:
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"--url must be an http:// or https:// URL, got {url!r}")
+    return url
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

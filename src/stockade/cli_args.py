@@ -76,7 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     rn.epilog = f"The API key, where the runner needs one, comes from ${KEY_ENV}."
 
     _add_session_parser(sub)
-
     dr = sub.add_parser("doctor", help="check that this host can serve (and build the image)")
     dr.add_argument("--serve-only", action="store_true",
                     help="skip what building the sandbox image needs (Packer, the template)")

@@ -15,7 +15,7 @@ from typing import Literal, TypeVar
 import msgspec
 
 from stockade.limits import Limits
-from stockade.result import Outcome
+from stockade.result import FileEntry, Outcome, RichOutput
 
 MAX_MESSAGE = 64 * 1024
 MAX_FILES = 64
@@ -142,14 +142,6 @@ class FileList(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="lis
     pass
 
 
-class RichOutput(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A value shown by a cell: its repr, a table's HTML, a figure's PNG."""
-
-    mime: Literal["text/plain", "text/html", "image/png"]
-    data: str
-    encoding: Literal["utf8", "base64"] = "utf8"
-
-
 class CellDone(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="done"):
     error: bool  # the cell raised (its traceback is on stderr)
     outputs: list[RichOutput] = []
@@ -158,11 +150,6 @@ class CellDone(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="don
 
 class FileData(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="data"):
     content: bytes
-
-
-class FileEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    name: str
-    size: int
 
 
 class FileEntries(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="entries"):

@@ -40,6 +40,22 @@ class OutFile(msgspec.Struct, frozen=True, kw_only=True):
     encoding: Literal["utf8", "base64"] = "utf8"
 
 
+class RichOutput(msgspec.Struct, frozen=True):
+    """A value shown by a session's cell: its repr, a table's HTML, a figure's PNG. (Records
+    read by clients tolerate fields a later runner adds.)"""
+
+    mime: Literal["text/plain", "text/html", "image/png"]
+    data: str
+    encoding: Literal["utf8", "base64"] = "utf8"
+
+
+class FileEntry(msgspec.Struct, frozen=True):
+    """A file in a session's working directory."""
+
+    name: str
+    size: int
+
+
 class Result(msgspec.Struct, kw_only=True):
     status: Status
     exit_code: int | None = None

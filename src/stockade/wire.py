@@ -1,6 +1,8 @@
 """The HTTP API's shapes, as both of its sides see them: the front decodes requests and
 encodes answers with these, and the client (`stockade.client`) does the reverse. Pure data,
-beside `result.py` and `limits.py`: nothing here is server code, and nothing imports any."""
+beside `result.py` and `limits.py`: nothing here is server code, and nothing imports any.
+Answers tolerate fields a later runner adds (a client keeps working); requests do not (the
+front refuses what it would ignore)."""
 
 from __future__ import annotations
 
@@ -8,9 +10,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from stockade import protocol
-from stockade.limits import Limits, LimitsIn
-from stockade.result import Result
+from stockade.limits import LimitPolicy, Limits, LimitsIn
+from stockade.result import FileEntry, Result, RichOutput
 
 LANGUAGE = "python"
 ALIASES = ["py", "python3"]
@@ -86,11 +87,49 @@ class SessionList(msgspec.Struct, frozen=True):
 class CellResult(Result, kw_only=True):
     """A session call's result record, with what the cell showed."""
 
-    outputs: list[protocol.RichOutput] = msgspec.field(default_factory=list)
+    outputs: list[RichOutput] = msgspec.field(default_factory=list)
     outputs_truncated: bool = False
     session_ended: bool = False  # this call ended the session (a limit, or exit())
 
 
 class SessionFiles(msgspec.Struct, frozen=True):
-    files: list[protocol.FileEntry]
+    files: list[FileEntry]
     truncated: bool = False
+
+
+# -- what a runner serves -------------------------------------------------------------------
+
+class Package(msgspec.Struct, frozen=True):
+    name: str
+    version: str
+
+
+class EnvironmentInfo(msgspec.Struct, frozen=True):
+    """An environment the manager serves, as `GET /v1/environments` shows it: its
+    interpreter, as its image has it, and every package a run may import beyond the
+    standard library (all locked by hash)."""
+
+    name: str
+    language: str
+    version: str  # the interpreter's full version
+    description: str
+    default: bool
+    packages: list[Package]
+    preloaded: list[str]  # imported before each fork, so free to import in a run
+
+
+class Language(msgspec.Struct, frozen=True):
+    name: str
+    version: str
+    aliases: list[str]
+    preloaded: list[str]
+
+
+class Languages(msgspec.Struct, frozen=True):
+    languages: list[Language]
+    limits: LimitPolicy
+
+
+class Environments(msgspec.Struct, frozen=True):
+    default: str
+    environments: list[EnvironmentInfo]

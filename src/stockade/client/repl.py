@@ -12,18 +12,14 @@ import base64
 import codeop
 import contextlib
 import sys
-import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
-from stockade.client import remote
-from stockade.wire import (
-    CellRequest,
-    CellResult,
-    SessionInfo,
-    SessionRequest,
-)
+from stockade.client.errors import StockadeError
+from stockade.client.sync import Client, Session
+from stockade.limits import LimitsIn
+from stockade.wire import CellResult
 
 EXTENSIONS = {"image/png": "png", "text/html": "html"}
 
@@ -55,33 +51,20 @@ def cells(read_line: Callable[[str], str], interactive: bool) -> Iterator[str]:
 
 
 class Repl:
-    def __init__(self, runner: remote.Runner, out_dir: Path, out: TextIO, err: TextIO) -> None:
-        self.runner = runner
+    def __init__(self, session: Session, out_dir: Path, out: TextIO, err: TextIO) -> None:
+        self.session = session
         self.out_dir = out_dir
         self.out = out
         self.err = err
         self.saved = 0
 
-    def _write(self, stream: str, text: str) -> None:
-        target = self.out if stream == "stdout" else self.err
-        target.write(text)
-        target.flush()
-
-    def start(self, request: SessionRequest, files: dict[str, bytes]) -> SessionInfo:
-        """A new session, with `files` (name: content) in its working directory."""
-        session = self.runner.call("POST", "/v1/sessions", request, SessionInfo)
-        try:
-            for name, content in files.items():
-                self.runner.call("PUT", f"/v1/sessions/{session.id}/files/"
-                                 f"{urllib.parse.quote(name)}", content, type(None))
-        except remote.RemoteError:
-            self.end(session)
-            raise
-        return session
-
-    def run(self, session: SessionInfo, code: str) -> CellResult:
-        result = self.runner.call("POST", f"/v1/sessions/{session.id}/runs",
-                                  CellRequest(code), CellResult, self._write)
+    def run(self, code: str) -> CellResult:
+        with self.session.stream(code) as stream:
+            for output in stream:
+                target = self.out if output.stream == "stdout" else self.err
+                target.write(output.text)
+                target.flush()
+            result = stream.result
         self.show(result)
         return result
 
@@ -105,36 +88,39 @@ class Repl:
         path.write_bytes(base64.b64decode(data) if encoding == "base64" else data.encode())
         return path
 
-    def end(self, session: SessionInfo) -> None:
-        with contextlib.suppress(remote.RemoteError):  # gone already: it ends either way
-            self.runner.call("DELETE", f"/v1/sessions/{session.id}", None, type(None))
 
-
-def main(runner: remote.Runner, request: SessionRequest, out_dir: Path,
-         files: dict[str, bytes]) -> int:
-    """The REPL's exit status: 0 when the input ended, 1 when the session was lost."""
-    repl = Repl(runner, out_dir, sys.stdout, sys.stderr)
-    session = repl.start(request, files)
+def main(runner: Client, out_dir: Path, files: dict[str, bytes], *, limits: LimitsIn | None,
+         idle_timeout_s: float | None, ttl_s: float | None, cpu_total_s: float | None) -> int:
+    """The REPL's exit status: 0 when the input ended, 1 when the session was lost. A
+    failure to start it is the caller's (StockadeError)."""
+    session = runner.session(limits=limits, idle_timeout_s=idle_timeout_s, ttl_s=ttl_s,
+                             cpu_total_s=cpu_total_s, files=dict(files))
+    repl = Repl(session, out_dir, sys.stdout, sys.stderr)
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401, PLC0415 - line editing and history for input()
 
-        print(f"stockade session {session.id} (ends after {session.idle_timeout_s:g} s idle; "
-              "Ctrl-D ends it)", file=sys.stderr)
+        print(f"stockade session {session.id} (ends after {session.info.idle_timeout_s:g} s "
+              "idle; Ctrl-D ends it)", file=sys.stderr)
     try:
         for code in cells(input if interactive else _line_reader(sys.stdin), interactive):
-            result = repl.run(session, code)
+            result = repl.run(code)
             if result.session_ended:
                 return 1
     except KeyboardInterrupt:
         print("\nstockade: interrupted: the session is ended", file=sys.stderr)
-        repl.end(session)
+        _end(session)
         return 130
-    except remote.RemoteError as exc:
+    except StockadeError as exc:
         print(f"stockade: {exc}", file=sys.stderr)
         return 1
-    repl.end(session)
+    _end(session)
     return 0
+
+
+def _end(session: Session) -> None:
+    with contextlib.suppress(StockadeError):  # unreachable: it ends at its idle timeout
+        session.end()
 
 
 def _line_reader(stream: TextIO) -> Callable[[str], str]:

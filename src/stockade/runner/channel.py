@@ -20,28 +20,10 @@ from typing import Annotated
 import msgspec
 
 from stockade.runner.config import RunnerConfig
+from stockade.wire import EnvironmentInfo
 
 MAX_LINE = 4096
 MAX_HELLO = 65536
-
-
-class Package(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    name: str
-    version: str
-
-
-class EnvironmentInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """An environment the manager serves, as `GET /v1/environments` shows it: its
-    interpreter, as its image has it, and every package a run may import beyond the
-    standard library (all locked by hash)."""
-
-    name: str
-    language: str
-    version: str  # the interpreter's full version
-    description: str
-    default: bool
-    packages: list[Package]
-    preloaded: list[str]  # imported before each fork, so free to import in a run
 
 
 class Hello(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="hello"):

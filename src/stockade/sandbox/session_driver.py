@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stockade import protocol
+from stockade.result import FileEntry, RichOutput
 from stockade.sandbox.config import WORKDIR
 
 # The program a session's run executes: the driver, with its caps as arguments.
@@ -57,7 +58,7 @@ class Shown:
     """The rich outputs of the current cell, within the caps."""
 
     caps: Caps
-    outputs: list[protocol.RichOutput] = field(default_factory=list)
+    outputs: list[RichOutput] = field(default_factory=list)
     size: int = 0
     truncated: bool = False
 
@@ -66,7 +67,7 @@ class Shown:
                 self.size + len(data) > self.caps.max_output_bytes):
             self.truncated = True
             return
-        self.outputs.append(protocol.RichOutput(mime, data, encoding))  # type: ignore[arg-type]
+        self.outputs.append(RichOutput(mime, data, encoding))  # type: ignore[arg-type]
         self.size += len(data)
 
 
@@ -215,7 +216,7 @@ def _is_file(mode: int) -> bool:
 
 
 def _listing() -> protocol.FileEntries:
-    files: list[protocol.FileEntry] = []
+    files: list[FileEntry] = []
     for entry in _walk(WORKDIR, ""):
         if len(files) == MAX_LISTED:
             return protocol.FileEntries(files, truncated=True)
@@ -223,14 +224,14 @@ def _listing() -> protocol.FileEntries:
     return protocol.FileEntries(files)
 
 
-def _walk(directory: str, prefix: str) -> Iterator[protocol.FileEntry]:
+def _walk(directory: str, prefix: str) -> Iterator[FileEntry]:
     with os.scandir(directory) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
             name = f"{prefix}{entry.name}"
             if entry.is_dir(follow_symlinks=False):
                 yield from _walk(entry.path, f"{name}/")
             elif entry.is_file(follow_symlinks=False) and name != protocol.CODE_FILE:
-                yield protocol.FileEntry(name, entry.stat(follow_symlinks=False).st_size)
+                yield FileEntry(name, entry.stat(follow_symlinks=False).st_size)
 
 
 # -- the loop ------------------------------------------------------------------------------

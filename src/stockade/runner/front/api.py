@@ -267,13 +267,13 @@ class Api:
         _expect(await self.sessions.file(session, protocol.FileDelete(path)), protocol.OpDone)
         return web.Response(status=204)
 
-    def _language(self) -> schema.Language:
+    def _language(self) -> wire.Language:
         default = self.catalogue.default
-        return schema.Language(name=wire.LANGUAGE, version=default.version,
+        return wire.Language(name=wire.LANGUAGE, version=default.version,
                                aliases=wire.ALIASES, preloaded=default.preloaded)
 
     async def get_languages(self, _request: web.Request) -> web.Response:
-        return _json(schema.Languages([self._language()], self.config.limits))
+        return _json(wire.Languages([self._language()], self.config.limits))
 
     async def get_environments(self, _request: web.Request) -> web.Response:
         return _json(self.catalogue.listing())

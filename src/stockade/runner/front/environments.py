@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import re
 
-from stockade.runner.channel import EnvironmentInfo
-from stockade.runner.front.schema import ApiError, Environments
-from stockade.wire import LANGUAGE
+from stockade.runner.front.schema import ApiError
+from stockade.wire import LANGUAGE, EnvironmentInfo, Environments
 
 _PISTON_VERSION = re.compile(r"^(?:[0-9]+|[x*])(?:\.(?:[0-9]+|[x*])){0,2}$", re.IGNORECASE)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from aiohttp import web
 
 from stockade.runner import channel, logs
-from stockade.runner.channel import EnvironmentInfo, peer_credentials
+from stockade.runner.channel import peer_credentials
 from stockade.runner.config import RunnerConfig, kinds
 from stockade.runner.front.api import Api
 from stockade.runner.front.environments import Catalogue
@@ -32,6 +32,7 @@ from stockade.runner.front.tenants import Tenants
 from stockade.runner.keys import KeyRing
 from stockade.runner.lifecycle import ServiceError, notify_systemd
 from stockade.sandbox import confine
+from stockade.wire import EnvironmentInfo
 
 log = logging.getLogger(__name__)
 

@@ -126,7 +126,7 @@ def _get(body: dict[str, Any], *error_codes: int) -> dict[str, Any]:
 def _document(limits: bytes, anonymous: tuple[str, ...],
               environments: tuple[str, ...]) -> dict[str, Any]:
     _, components = msgspec.json.schema_components(
-        [wire.RunRequest, Result, wire.ErrorBody, schema.Languages, schema.Environments,
+        [wire.RunRequest, Result, wire.ErrorBody, wire.Languages, wire.Environments,
          wire.SessionRequest,
          wire.SessionInfo, wire.SessionList, wire.CellRequest, wire.CellResult,
          wire.SessionFiles,

@@ -17,8 +17,7 @@ from typing import Any
 import msgspec
 
 from stockade import protocol
-from stockade.limits import LimitError, LimitPolicy, Limits, LimitsIn
-from stockade.runner.channel import EnvironmentInfo
+from stockade.limits import LimitError, Limits, LimitsIn
 from stockade.runner.config import RunnerConfig
 from stockade.runner.front.zygote_client import Job
 from stockade.wire import ALIASES, LANGUAGE, FileIn, RunRequest, SessionRequest
@@ -37,23 +36,6 @@ class ApiError(Exception):
 
 # A client's X-Request-Id is kept if it is 1-128 of these; otherwise the front makes one.
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
-
-
-class Language(msgspec.Struct, frozen=True):
-    name: str
-    version: str
-    aliases: list[str]
-    preloaded: list[str]
-
-
-class Languages(msgspec.Struct, frozen=True):
-    languages: list[Language]
-    limits: LimitPolicy
-
-
-class Environments(msgspec.Struct, frozen=True):
-    default: str
-    environments: list[EnvironmentInfo]
 
 
 def session_terms(request: SessionRequest, config: RunnerConfig) -> tuple[float, float, float]:

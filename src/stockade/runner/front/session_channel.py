@@ -21,7 +21,7 @@ import msgspec
 
 from stockade import protocol
 from stockade.limits import Limits
-from stockade.result import Outcome, Result, Status
+from stockade.result import Outcome, Result, RichOutput, Status
 from stockade.runner.front import zygote_client as client
 from stockade.sandbox.session_driver import BOOT, Caps
 
@@ -42,7 +42,7 @@ class CallResult:
     """One cell's record (the result record's fields) and what it showed."""
 
     result: Result
-    outputs: list[protocol.RichOutput] = field(default_factory=list)
+    outputs: list[RichOutput] = field(default_factory=list)
     outputs_truncated: bool = False
     ended: bool = False  # the call ended the session
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from stockade import environment
 from stockade.runner import channel, keys, logs
-from stockade.runner.channel import EnvironmentInfo, Package, peer_credentials
+from stockade.runner.channel import peer_credentials
 from stockade.runner.config import RunnerConfig, host_memory_mib, pool_memory_cap_mib
 from stockade.runner.front.main import front_main
 from stockade.runner.front.pages import Pages
@@ -46,6 +46,7 @@ from stockade.runner.manager.lxc_cgroups import (
 from stockade.runner.manager.pool import Manager
 from stockade.sandbox import confine, libc
 from stockade.sandbox.cgroups import CgroupError
+from stockade.wire import EnvironmentInfo, Package
 
 log = logging.getLogger(__name__)
 
