@@ -22,7 +22,7 @@ SERVE_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libseccomp2 ma
 TEST_PACKAGES := nginx-light openssh-client dnsmasq-base nftables fdisk qemu-utils \
 	qemu-system-x86 git openssl prometheus chromium chromium-driver
 # The venv: serving (the runner, the preloads, Ansible for the image build), then the tests.
-SERVE_EXTRAS := runner,preload,build,client
+SERVE_EXTRAS := runner,preload,build,mcp
 TEST_EXTRAS := $(SERVE_EXTRAS),dev,ops
 LOGS := build/logs
 STEP := tools/step
@@ -137,7 +137,7 @@ dist: install sandbox-image ## The runner's wheels and the sandbox images' archi
 	@rm -rf dist/wheelhouse
 	@$(STEP) "building the runner's wheels for hosts" "~1 min" $(LOGS)/wheels.log \
 		"make dist STEP_VERBOSE=1" -- $(BIN)/pip wheel --disable-pip-version-check \
-		--use-pep517 --wheel-dir dist/wheelhouse '.[runner]'
+		--use-pep517 --wheel-dir dist/wheelhouse '.[runner,mcp]'
 	@archives=" $$(echo $$($(BIN)/stockade images export --output dist $(ENV_FLAGS))) " && \
 		for a in $$archives; do echo "dist: $$a"; done && \
 		for old in $(foreach e,$(ENVS),dist/stockade-sandbox-$(e)-????????????.tar.gz); do \

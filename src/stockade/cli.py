@@ -310,6 +310,30 @@ def cmd_session(args: argparse.Namespace) -> int:
     return _remote(session)
 
 
+def cmd_mcp(args: argparse.Namespace) -> int:
+    try:
+        import asyncio  # noqa: PLC0415 - keeps `exec` light
+
+        from stockade import mcp_server  # noqa: PLC0415 - needs the mcp extra
+    except ImportError as exc:
+        raise UsageError(f"`stockade mcp` needs the mcp extra (pip install "
+                         f"'stockade[mcp]'): {exc}") from None
+    if not args.http:
+        asyncio.run(mcp_server.serve_stdio(_url(args.url or "http://127.0.0.1:8080"),
+                                           os.environ.get(KEY_ENV)))
+        return EXIT_OK
+    config = _runner_config(args.config)
+    if not config.mcp_port:
+        raise UsageError("--http serves on the config's mcp_port, which is 0 (none)")
+    loopback = ["127.0.0.1", "localhost", "[::1]"]
+    asyncio.run(mcp_server.serve_http(
+        _url(args.url or f"http://127.0.0.1:{config.port}"), "127.0.0.1", config.mcp_port,
+        allowed_hosts=[*loopback, *(f"{h}:*" for h in loopback), *config.allowed_hosts],
+        allowed_origins=[*(f"http://{h}:*" for h in loopback), *config.allowed_origins],
+        idle_timeout_s=config.mcp_idle_timeout_s))
+    return EXIT_OK
+
+
 def _url(url: str) -> str:
     if not url.startswith(("http://", "https://")):
         raise UsageError(f"--url must be an http:// or https:// URL, got {url!r}")
@@ -334,7 +358,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 COMMANDS = {"exec": cmd_exec, "serve": cmd_serve, "front": cmd_front, "run": cmd_run,
             "images": cmd_images, "nginx-config": cmd_nginx_config,
             "check-config": cmd_check_config, "doctor": cmd_doctor, "keys": cmd_keys,
-            "session": cmd_session}
+            "session": cmd_session, "mcp": cmd_mcp}
 
 
 def main(argv: list[str] | None = None) -> int:

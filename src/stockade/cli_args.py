@@ -76,6 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     rn.epilog = f"The API key, where the runner needs one, comes from ${KEY_ENV}."
 
     _add_session_parser(sub)
+    mc = sub.add_parser("mcp", help="an MCP server for agents, on a runner",
+                        description="Speaks the Model Context Protocol on stdin and stdout "
+                        "(or with --http, at /mcp): tools to run Python once, and sessions "
+                        "that keep state. The sessions a connection opens end with it.")
+    mc.add_argument("--url", help="the runner's base URL (default: stdio, "
+                    "http://127.0.0.1:8080; --http, the config's runner on loopback; on a "
+                    "fleet, the balancer's, so that a session's calls reach its host)")
+    mc.add_argument("--http", action="store_true", help="serve Streamable HTTP on "
+                    "127.0.0.1:mcp_port for the config's runner and nginx, each call with "
+                    "its caller's own key")
+    mc.add_argument("--config", metavar="FILE", help=f"JSON config (default {DEFAULT_CONFIG})")
+    mc.epilog = (f"Over stdio the API key, where the runner needs one, comes from ${KEY_ENV}; "
+                 "over HTTP each request brings its own.")
+
     dr = sub.add_parser("doctor", help="check that this host can serve (and build the image)")
     dr.add_argument("--serve-only", action="store_true",
                     help="skip what building the sandbox image needs (Packer, the template)")

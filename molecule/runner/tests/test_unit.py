@@ -91,6 +91,37 @@ def test_the_front_scores_below_3_in_systemd_analyze_security(
     assert front < 3.0, front
 
 
+MCP_PROPERTIES = [
+    ("User", "stockade-mcp"),
+    ("NoNewPrivileges", "yes"),
+    ("CapabilityBoundingSet", ""),
+    ("ProtectSystem", "strict"),
+    ("PrivateDevices", "yes"),
+    ("ProtectProc", "invisible"),
+    ("RestrictNamespaces", "yes"),
+    ("MemoryDenyWriteExecute", "yes"),
+    ("MemoryMax", str(512 << 20)),
+]
+
+
+@pytest.fixture(scope="module")
+def mcp_show(host: testinfra.host.Host) -> dict[str, str]:
+    out = host.check_output("systemctl show stockade-mcp")
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def test_the_mcp_server_runs_confined_as_its_own_user(host: testinfra.host.Host,
+                                                      mcp_show: dict[str, str]) -> None:
+    mcp = host.service("stockade-mcp")
+    assert mcp.is_running and mcp.is_enabled
+    for name, expected in MCP_PROPERTIES:
+        assert mcp_show[name] == expected, name
+    assert set(mcp_show["IPAddressDeny"].split()) == {"0.0.0.0/0", "::/0"}
+    score = exposure(host, "stockade-mcp.service")
+    print(f"systemd-analyze security: mcp {score}")
+    assert score < 3.0, score
+
+
 def test_the_front_has_no_network_of_its_own(host: testinfra.host.Host,
                                              front_show: dict[str, str]) -> None:
     """Behaviour: another network namespace, holding loopback alone; it serves through the

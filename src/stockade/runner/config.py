@@ -144,6 +144,15 @@ class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     memory_reserve_mib: int = 1024
     drain_timeout_s: float = 30.0
     sessions: SessionPolicy = SessionPolicy()
+    # MCP over HTTP (`stockade mcp --http`, a process of its own on 127.0.0.1:mcp_port; 0:
+    # none): nginx routes /mcp to it. An MCP session idle this long ends, with the
+    # sessions it opened; nginx waits longer than that for its stream.
+    mcp_port: int = 0
+    mcp_idle_timeout_s: float = 900.0
+    # Host names (with a port, or `name:*`) and origins (`https://app.example.com`)
+    # beyond loopback's that callers may use: /mcp refuses others (DNS rebinding).
+    allowed_hosts: list[str] = []
+    allowed_origins: list[str] = []
 
     def __post_init__(self) -> None:
         positive = ("port", "pool_size", "queue_timeout_s",
@@ -155,6 +164,7 @@ class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ValueError(f"{name} must be positive")
         if not self.port < 65536:
             raise ValueError("port must be below 65536")
+        self._check_mcp()
         if self.pool_size > 256 or self.lean_pool_size > 256 or self.queue_limit > 4096:
             raise ValueError("pool sizes are capped at 256 and queue_limit at 4096")
         if self.lean_pool_size < 0 or self.queue_limit < 0:
@@ -177,6 +187,12 @@ class RunnerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                              "lean_pool_size")
         if self.idmap_base + self.idmap_span > 1 << 31:
             raise ValueError("idmap_base + uid_ranges * idmap_size must stay below 2^31")
+
+    def _check_mcp(self) -> None:
+        if not 0 <= self.mcp_port < 65536 or self.mcp_port == self.port:
+            raise ValueError("mcp_port must be below 65536 and differ from port (0: none)")
+        if not 0 < self.mcp_idle_timeout_s <= 86400:
+            raise ValueError("mcp_idle_timeout_s must be within (0, 86400]")
 
     @property
     def containers(self) -> int:
