@@ -18,9 +18,9 @@ SERVE_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libseccomp2 ma
 # image's disk, qemu-system-x86 boots it; git clones the checkout for the fresh machine,
 # openssl gives its bridge port an address (LXC's debian template); prometheus brings
 # promtool, which checks the alert rules under ops/; chromium and chromium-driver are the
-# real browser the playground's tests drive.
+# real browser the playground's tests drive; nodejs runs the TypeScript client's tests.
 TEST_PACKAGES := nginx-light openssh-client dnsmasq-base nftables fdisk qemu-utils \
-	qemu-system-x86 git openssl prometheus chromium chromium-driver
+	qemu-system-x86 git openssl prometheus chromium chromium-driver nodejs
 # The venv: serving (the runner, the preloads, Ansible for the image build), then the tests.
 SERVE_EXTRAS := runner,preload,build,mcp
 TEST_EXTRAS := $(SERVE_EXTRAS),dev,ops
@@ -69,7 +69,15 @@ $(VENDORED): $(STATIC)/vendor.json tools/vendor
 
 install: $(VENV)/.serve $(VENDORED) ## Create .venv with what serving needs (stockade, the runner, preloads, Ansible).
 
-install-test: $(VENV)/.test ## Add the test kit to .venv (pytest, linters, Molecule, testinfra).
+# The TypeScript client's build tool (typescript, pinned with its integrity in the lock).
+# npm comes with Node.js where Node.js is NodeSource's; Debian packages it apart.
+JS := clients/js
+$(JS)/node_modules/.package-lock.json: $(JS)/package-lock.json
+	@command -v npm >/dev/null || $(MAKE) --no-print-directory apt APT_LIST=npm
+	@$(STEP) "installing the TypeScript client's build tool (npm ci)" "~10 s" \
+		$(LOGS)/npm.log "make install-test" -- npm ci --prefix $(JS) --no-audit --no-fund
+
+install-test: $(VENV)/.test $(JS)/node_modules/.package-lock.json ## Add the test kit: pytest, linters, Molecule, testinfra; TypeScript.
 
 packages: ## Install the Debian packages serving needs, if missing (root).
 	@$(MAKE) --no-print-directory apt APT_LIST="$(SERVE_PACKAGES)"
