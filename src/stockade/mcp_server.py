@@ -13,7 +13,7 @@ import base64
 import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import anyio
 import msgspec
@@ -22,10 +22,11 @@ from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import CallToolResult, ContentBlock, ImageContent, TextContent
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 from starlette.applications import Starlette
 
 from stockade import __version__, client
+from stockade import limits as limits_module
 from stockade.client.common import FORWARDED, file_bytes
 
 INSTRUCTIONS = (
@@ -48,15 +49,16 @@ class InputFile(BaseModel):
     encoding: Literal["utf8", "base64"] = "utf8"
 
 
-class LimitArgs(BaseModel):
-    """Each limit is capped by the runner's policy; left out, the runner's default."""
-
-    cpu_time_s: float | None = None
-    wall_time_s: float | None = None
-    memory_mib: int | None = None
-    processes: int | None = None
-    output_kib: int | None = None
-    file_size_kib: int | None = None
+# Each limit as `limits.py` declares it (its type and meaning), for the tools' schema.
+if TYPE_CHECKING:
+    LimitArgs = BaseModel
+else:
+    LimitArgs = create_model(
+        "LimitArgs", __doc__="Each left out takes the runner's default; each is capped by "
+        "its policy (for a session: memory and processes for its life; CPU time, wall time "
+        "and output per call).",
+        **{f.name: (f.kind | None, Field(None, description=f.description))
+           for f in limits_module.FIELDS})
 
 
 def _limits(limits: LimitArgs | None) -> client.LimitsIn | None:

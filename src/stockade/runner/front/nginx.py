@@ -63,13 +63,7 @@ server {
 
     location / {
         proxy_pass http://stockade_runner;
-        proxy_set_header X-Request-Id $$stockade_request_id;
-        proxy_hide_header X-Request-Id;
-        proxy_http_version 1.1;
-        proxy_set_header Connection "";
-        proxy_set_header Host $$host;
-        proxy_set_header X-Forwarded-For $$proxy_add_x_forwarded_for;
-        proxy_connect_timeout 2s;
+${proxied}        proxy_connect_timeout 2s;
         # Longest run allowed, plus the time a request may wait for a container.
         proxy_read_timeout ${read_timeout}s;
         proxy_send_timeout 10s;
@@ -78,18 +72,23 @@ server {
 ${mcp}}
 """)
 
+# How both locations pass a request on: the request id, keep-alive upstream, the caller's
+# Host and address.
+PROXIED = """\
+        proxy_set_header X-Request-Id $stockade_request_id;
+        proxy_hide_header X-Request-Id;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+"""
+
 # MCP over HTTP: streams answered as they come, held open longer than an idle MCP session
 # lives (its server pings every 15 s); the caller's Host, key and request id go through.
 MCP_LOCATION = string.Template("""
     location = /mcp {
         proxy_pass http://127.0.0.1:${port};
-        proxy_set_header X-Request-Id $$stockade_request_id;
-        proxy_hide_header X-Request-Id;
-        proxy_http_version 1.1;
-        proxy_set_header Connection "";
-        proxy_set_header Host $$host;
-        proxy_set_header X-Forwarded-For $$proxy_add_x_forwarded_for;
-        proxy_buffering off;
+${proxied}        proxy_buffering off;
         proxy_cache off;
         proxy_connect_timeout 2s;
         proxy_read_timeout ${read_timeout}s;
@@ -120,6 +119,6 @@ def render(config: RunnerConfig, listen: str = "80", upstream: str | None = None
         listen=listen, upstream=upstream or f"{config.host}:{config.port}",
         body_kib=config.max_body_kib, connections=connections, rate=rate, burst=burst,
         read_timeout=read_timeout, request_id=REQUEST_ID.pattern, access_log=access_log,
-        real_ip=real_ip(trusted_proxies or []), mcp=MCP_LOCATION.substitute(
-            port=config.mcp_port, read_timeout=math.ceil(config.mcp_idle_timeout_s + 60))
-        if config.mcp_port else "")
+        real_ip=real_ip(trusted_proxies or []), proxied=PROXIED, mcp=MCP_LOCATION.substitute(
+            port=config.mcp_port, proxied=PROXIED,
+            read_timeout=math.ceil(config.mcp_idle_timeout_s + 60)) if config.mcp_port else "")
