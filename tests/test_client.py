@@ -174,3 +174,12 @@ def test_the_client_needs_nothing_of_the_server(runner: RunnerProcess, tmp_path:
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout) == {"stdout": "42\n", "cell": "42", "server": [],
                                        "aiohttp": False}
+
+
+def test_the_readmes_python_example_runs_as_written(runner: RunnerProcess) -> None:
+    readme = (SRC.parents[1] / "README.md").read_text()
+    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    done = subprocess.run([sys.executable, "-c", example.replace(
+        "http://127.0.0.1:8080", url(runner))], capture_output=True, text=True, timeout=120,
+        check=False)
+    assert (done.returncode, done.stdout) == (0, "3\n"), done.stderr[-2000:]

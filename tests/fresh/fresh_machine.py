@@ -296,6 +296,18 @@ def check_session() -> None:
     say("a session: state kept between cells, a figure saved, ended with its input")
 
 
+def check_python_client() -> None:
+    """The README's Python example, as it is written, with the venv the set-up made."""
+    readme = (REPO / "README.md").read_text()
+    example = re.search(r"```python\n(.*?)```", readme, re.DOTALL)
+    if example is None:
+        raise FreshTestError("the README has no Python example")
+    done = attach(f"cd {CHECKOUT} && .venv/bin/python -c {shlex.quote(example.group(1))}")
+    if done.stdout.strip() != "3":
+        raise FreshTestError(f"the README's Python example printed {done.stdout!r}")
+    say("the README's Python client example: 3")
+
+
 def check_pages() -> None:
     """The playground and the API docs, with the browser library fetched at set-up."""
     for path, words in (("/", "stockade playground"), ("/docs", "swagger-ui-bundle.js")):
@@ -372,6 +384,7 @@ def main() -> int:
                 keep_image_archives()
                 check_runs()
                 check_session()
+                check_python_client()
                 check_pages()
                 check_uninstall()
             finally:

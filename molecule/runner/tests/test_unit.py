@@ -94,7 +94,7 @@ def test_the_front_scores_below_3_in_systemd_analyze_security(
 MCP_PROPERTIES = [
     ("User", "stockade-mcp"),
     ("NoNewPrivileges", "yes"),
-    ("CapabilityBoundingSet", ""),
+    ("PrivateUsers", "yes"),
     ("ProtectSystem", "strict"),
     ("PrivateDevices", "yes"),
     ("ProtectProc", "invisible"),
@@ -117,6 +117,10 @@ def test_the_mcp_server_runs_confined_as_its_own_user(host: testinfra.host.Host,
     for name, expected in MCP_PROPERTIES:
         assert mcp_show[name] == expected, name
     assert set(mcp_show["IPAddressDeny"].split()) == {"0.0.0.0/0", "::/0"}
+    status = process_status(host, mcp_show["MainPID"])
+    assert {status[f"Cap{kind}"] for kind in ("Inh", "Prm", "Eff", "Bnd", "Amb")} == \
+        {"0000000000000000"}, status
+    assert status["NoNewPrivs"] == "1"
     score = exposure(host, "stockade-mcp.service")
     print(f"systemd-analyze security: mcp {score}")
     assert score < 3.0, score
