@@ -22,6 +22,7 @@ from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import CallToolResult, ContentBlock, ImageContent, TextContent
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, Field, create_model
 from starlette.applications import Starlette
 
@@ -41,6 +42,7 @@ MAX_TEXT = 64 * 1024  # characters of stdout or stderr put in a result's text
 ToolMethod = Callable[..., Awaitable[CallToolResult]]
 END_WITHIN_S = 10.0  # what a connection's end gives its sessions' ends
 STDIO = ""  # the one connection of a server on stdio
+MAX_TRACKED = 256  # sessions a connection's end ends, at most (the newest)
 
 
 class InputFile(BaseModel):
@@ -110,10 +112,13 @@ def _headers(ctx: Context) -> dict[str, str]:
 def _connection(ctx: Context) -> str | None:
     """The connection a request belongs to, whose end ends the sessions it opened: over
     stdio the one connection (""), over HTTP its MCP session (a handshake-era client's
-    Mcp-Session-Id). A stateless request (protocol 2026-07-28) has none (None): its
-    sessions end by session_end or at their own timeouts."""
+    Mcp-Session-Id, which the SDK has checked). A stateless request (protocol 2026-07-28)
+    has none (None), whatever headers it sends: its sessions end by session_end or at
+    their own timeouts."""
     if ctx.headers is None:
         return STDIO
+    if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+        return None
     return _headers(ctx).get("mcp-session-id")
 
 
@@ -214,7 +219,10 @@ class Tools:
                                                 cpu_total_s=cpu_total_s)
         except (client.StockadeError, ValueError) as exc:
             return _refused(exc)
-        self._mine(ctx)[session.id] = session
+        mine = self._mine(ctx)
+        if len(mine) >= MAX_TRACKED:  # the oldest is left to its own timeouts
+            mine.pop(next(iter(mine)))
+        mine[session.id] = session
         if (connection := _connection(ctx)) is not None:
             self.callers[connection] = FORWARDED.get()
         info = session.info
