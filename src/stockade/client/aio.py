@@ -127,12 +127,8 @@ class AsyncClient:
             raise common.transport_error(exc, self.url) from None
 
 
-class AsyncAnswer:
+class AsyncAnswer(common.Answered):
     """An answer being read: transport failures as TransportError, its body under the cap."""
-
-    def __init__(self, response: httpx.Response, url: str) -> None:
-        self.response, self.url = response, url
-        self.status, self.headers = response.status_code, response.headers
 
     async def read(self) -> bytes:
         raw = bytearray()
@@ -204,18 +200,11 @@ class AsyncRunStream(Generic[T]):
         """The run's record; awaiting it reads (and drops) any output not read yet."""
         async for _ in self:
             pass
-        if self._result is None:
-            raise StockadeError("the stream was closed before its result")
-        return self._result
+        return common.finished(self._result)
 
 
-class AsyncSession:
+class AsyncSession(common.SessionHandle[AsyncClient]):
     """As `Session`, awaited."""
-
-    def __init__(self, client: AsyncClient, info: SessionInfo) -> None:
-        self.client = client
-        self.info = info
-        self.id = info.id
 
     async def __aenter__(self) -> AsyncSession:
         return self

@@ -27,7 +27,14 @@ import msgspec
 from stockade.client.errors import AnswerError, ApiError, StockadeError, TransportError
 from stockade.limits import LimitsIn
 from stockade.result import OutFile
-from stockade.wire import CellRequest, ErrorBody, FileIn, RunRequest, SessionRequest
+from stockade.wire import (
+    CellRequest,
+    ErrorBody,
+    FileIn,
+    RunRequest,
+    SessionInfo,
+    SessionRequest,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 KEY_ENV = "STOCKADE_API_KEY"  # where `stockade run`, `stockade session` and agents keep a key
@@ -313,6 +320,30 @@ class Events(Generic[T]):
         if self.result is None:
             raise AnswerError("the runner's stream ended without a result")
         return self.result
+
+
+def finished(result: T | None) -> T:
+    """A stream's record, once it has been read to its end."""
+    if result is None:
+        raise StockadeError("the stream was closed before its result")
+    return result
+
+
+class Answered:
+    """An answer being read, to either client: its response, status and headers."""
+
+    def __init__(self, response: httpx.Response, url: str) -> None:
+        self.response, self.url = response, url
+        self.status, self.headers = response.status_code, response.headers
+
+
+class SessionHandle(Generic[T]):
+    """What a session is to either client: the client it calls through, and its record."""
+
+    def __init__(self, client: T, info: SessionInfo) -> None:
+        self.client = client
+        self.info = info
+        self.id = info.id
 
 
 # -- files ---------------------------------------------------------------------------------

@@ -141,12 +141,8 @@ class Client:
             raise common.transport_error(exc, self.url) from None
 
 
-class Answer:
+class Answer(common.Answered):
     """An answer being read: transport failures as TransportError, its body under the cap."""
-
-    def __init__(self, response: httpx.Response, url: str) -> None:
-        self.response, self.url = response, url
-        self.status, self.headers = response.status_code, response.headers
 
     def read(self) -> bytes:
         raw = bytearray()
@@ -221,18 +217,11 @@ class RunStream(Generic[T]):
         """The run's record; reading it reads (and drops) any output not read yet."""
         for _ in self:
             pass
-        if self._result is None:
-            raise StockadeError("the stream was closed before its result")
-        return self._result
+        return common.finished(self._result)
 
 
-class Session:
+class Session(common.SessionHandle[Client]):
     """A session: an interpreter in a confined process that keeps its state across calls."""
-
-    def __init__(self, client: Client, info: SessionInfo) -> None:
-        self.client = client
-        self.info = info
-        self.id = info.id
 
     def __enter__(self) -> Session:
         return self
