@@ -60,6 +60,7 @@ def test_exec_limit_hit_exits_1(tmp_path: Path) -> None:
     (["exec", "--cpu-time", "abc", "PROGRAM"], "invalid float value"),
     (["exec", "--bogus", "PROGRAM"], "unrecognized arguments"),
     (["run"], "required: FILE"),
+    (["run", "--url", "ftp://127.0.0.1", "PROGRAM"], "--url: a runner's URL is http:// or"),
 ])
 def test_usage_errors_are_one_line_exit_2(program: Path, args: list[str], message: str) -> None:
     done = stockade(*[str(program) if a == "PROGRAM" else a for a in args])

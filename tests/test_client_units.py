@@ -256,3 +256,10 @@ def test_calls_made_on_a_callers_behalf_carry_its_key_and_request_id(scripted) -
     forwarded, own = script.seen[0][2], script.seen[1][2]
     assert (forwarded["Authorization"], forwarded["X-Request-Id"]) == ("Bearer theirs", "rid-7")
     assert own["Authorization"] == "Bearer own" and "X-Request-Id" not in own
+
+
+def test_the_cli_names_the_key_variable_the_client_reads() -> None:
+    """`stockade run` and `session` leave the key to the client's default."""
+    from stockade.cli_args import KEY_ENV  # noqa: PLC0415
+
+    assert KEY_ENV == common.KEY_ENV

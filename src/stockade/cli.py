@@ -11,6 +11,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -20,7 +21,6 @@ from stockade.cli_args import (
     EXIT_INTERNAL,
     EXIT_OK,
     EXIT_USAGE,
-    KEY_ENV,
     UsageError,
     build_parser,
 )
@@ -30,6 +30,9 @@ from stockade.runner import config as runner_config
 from stockade.runner import keys
 from stockade.runner.config import RunnerConfig
 from stockade.wire import FileIn
+
+if TYPE_CHECKING:
+    from stockade.client import Client
 
 MAX_STDIN = 16 << 20
 MAX_SOURCE = 4 << 20
@@ -244,16 +247,18 @@ def _run_stdin(path: str | None) -> str:
         raise UsageError("stdin is not UTF-8 text") from None
 
 
-def _remote(action: Callable[[], int]) -> int:
-    """`action`, a client's call to a runner, with its failures as the CLI's: a refusal of
-    the caller's input is a usage error (exit 2); any other failure, one line and exit 3."""
+def _remote(url: str, action: Callable[[Client], int]) -> int:
+    """`action`, calls to the runner at `url` with the key in $STOCKADE_API_KEY (the
+    client's default), with their failures as the CLI's: a refusal of the caller's input
+    is a usage error (exit 2); any other failure, one line and exit 3."""
     try:
         from stockade import client  # noqa: PLC0415 - keeps `exec` light
     except ImportError as exc:
         raise UsageError(f"this command needs the client extra (pip install "
                          f"'stockade[client]'): {exc}") from None
     try:
-        return action()
+        with client.Client(_runner_url(url)) as runner:
+            return action(runner)
     except client.ApiError as exc:
         if 400 <= exc.status < 500:
             raise UsageError(f"refused: {exc}") from None
@@ -263,6 +268,16 @@ def _remote(action: Callable[[], int]) -> int:
     return EXIT_INTERNAL
 
 
+def _runner_url(url: str) -> str:
+    """`url`, as the client checks a runner's URL; a bad one is a usage error."""
+    from stockade.client import common  # noqa: PLC0415 - keeps `exec` light
+
+    try:
+        return common.where(url, None)[0]
+    except ValueError as exc:
+        raise UsageError(f"--url: {exc}") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if args.stream and args.json:
         raise UsageError("--stream prints the output as it comes; --json prints one record "
@@ -270,21 +285,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     code, stdin = _read_source(args.file), _run_stdin(args.stdin)
     files, limits = [_input_file(f) for f in args.files], _requested_limits(args)
 
-    def run() -> int:
+    def run(runner: Client) -> int:
         from stockade import client  # noqa: PLC0415 - keeps `exec` light
 
-        with client.Client(_url(args.url), os.environ.get(KEY_ENV)) as runner:
-            if args.stream:
-                with runner.stream(code, stdin=stdin, args=args.args, files=files,
-                                   limits=limits) as stream:
-                    for output in stream:
-                        target = sys.stdout if output.stream == "stdout" else sys.stderr
-                        target.write(output.text)
-                        target.flush()
-                    result = stream.result
-            else:
-                result = runner.run(code, stdin=stdin, args=args.args, files=files,
-                                    limits=limits)
+        if args.stream:
+            with runner.stream(code, stdin=stdin, args=args.args, files=files,
+                               limits=limits) as stream:
+                for output in stream:
+                    target = sys.stdout if output.stream == "stdout" else sys.stderr
+                    target.write(output.text)
+                    target.flush()
+                result = stream.result
+        else:
+            result = runner.run(code, stdin=stdin, args=args.args, files=files, limits=limits)
         try:
             saved = client.save_files(result.files, args.out) if args.out else []
         except OSError as exc:
@@ -293,21 +306,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         for path in saved:
             print(f"stockade: saved {path}", file=sys.stderr)
         return exit_status(result)
-    return _remote(run)
+    return _remote(args.url, run)
 
 
 def cmd_session(args: argparse.Namespace) -> int:
     files = dict(_named_file(spec) for spec in args.files)
 
-    def session() -> int:
-        from stockade import client  # noqa: PLC0415 - keeps `exec` light
-        from stockade.client import repl  # noqa: PLC0415
+    def session(runner: Client) -> int:
+        from stockade.client import repl  # noqa: PLC0415 - keeps `exec` light
 
-        with client.Client(_url(args.url), os.environ.get(KEY_ENV)) as runner:
-            return repl.main(runner, Path(args.out), files, limits=_requested_limits(args),
-                             idle_timeout_s=args.idle_timeout, ttl_s=args.ttl,
-                             cpu_total_s=args.cpu_total)
-    return _remote(session)
+        return repl.main(runner, Path(args.out), files, limits=_requested_limits(args),
+                         idle_timeout_s=args.idle_timeout, ttl_s=args.ttl,
+                         cpu_total_s=args.cpu_total)
+    return _remote(args.url, session)
 
 
 def cmd_mcp(args: argparse.Namespace) -> int:
@@ -315,29 +326,20 @@ def cmd_mcp(args: argparse.Namespace) -> int:
         import asyncio  # noqa: PLC0415 - keeps `exec` light
 
         from stockade import mcp_server  # noqa: PLC0415 - needs the mcp extra
+        from stockade.client import common  # noqa: PLC0415
     except ImportError as exc:
         raise UsageError(f"`stockade mcp` needs the mcp extra (pip install "
                          f"'stockade[mcp]'): {exc}") from None
     if not args.http:
-        asyncio.run(mcp_server.serve_stdio(_url(args.url or "http://127.0.0.1:8080"),
-                                           os.environ.get(KEY_ENV)))
+        asyncio.run(mcp_server.serve_stdio(_runner_url(args.url or common.DEFAULT_URL),
+                                           None))
         return EXIT_OK
     config = _runner_config(args.config)
     if not config.mcp_port:
         raise UsageError("--http serves on the config's mcp_port, which is 0 (none)")
-    loopback = ["127.0.0.1", "localhost", "[::1]"]
     asyncio.run(mcp_server.serve_http(
-        _url(args.url or f"http://127.0.0.1:{config.port}"), "127.0.0.1", config.mcp_port,
-        allowed_hosts=[*loopback, *(f"{h}:*" for h in loopback), *config.allowed_hosts],
-        allowed_origins=[*(f"http://{h}:*" for h in loopback), *config.allowed_origins],
-        idle_timeout_s=config.mcp_idle_timeout_s))
+        config, _runner_url(args.url or f"http://127.0.0.1:{config.port}")))
     return EXIT_OK
-
-
-def _url(url: str) -> str:
-    if not url.startswith(("http://", "https://")):
-        raise UsageError(f"--url must be an http:// or https:// URL, got {url!r}")
-    return url
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

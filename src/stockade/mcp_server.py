@@ -42,6 +42,7 @@ MAX_TEXT = 64 * 1024  # characters of stdout or stderr put in a result's text
 ToolMethod = Callable[..., Awaitable[CallToolResult]]
 END_WITHIN_S = 10.0  # what a connection's end gives its sessions' ends
 STDIO = ""  # the one connection of a server on stdio
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]")  # names a Host and an Origin may always use
 MAX_TRACKED = 256  # sessions a connection's end ends, at most (the newest)
 
 
@@ -53,6 +54,8 @@ class InputFile(BaseModel):
 
 # Each limit as `limits.py` declares it (its type and meaning), for the tools' schema.
 if TYPE_CHECKING:
+    from stockade.runner.config import RunnerConfig
+
     LimitArgs = BaseModel
 else:
     LimitArgs = create_model(
@@ -382,10 +385,15 @@ def http_app(url: str, *, allowed_hosts: Sequence[str], allowed_origins: Sequenc
     return app
 
 
-async def serve_http(url: str, host: str, port: int, *, allowed_hosts: Sequence[str],
-                     allowed_origins: Sequence[str], idle_timeout_s: float) -> None:
-    app = http_app(url, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins,
-                   idle_timeout_s=idle_timeout_s)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+async def serve_http(config: RunnerConfig, url: str) -> None:
+    """Streamable HTTP on 127.0.0.1:`config.mcp_port`, for the runner at `url`: Host and
+    Origin loopback's or the config's allowed ones, MCP sessions idle past the config's
+    timeout ended."""
+    app = http_app(url, allowed_hosts=[*LOOPBACK, *(f"{h}:*" for h in LOOPBACK),
+                                       *config.allowed_hosts],
+                   allowed_origins=[*(f"http://{h}:*" for h in LOOPBACK),
+                                    *config.allowed_origins],
+                   idle_timeout_s=config.mcp_idle_timeout_s)
+    server = uvicorn.Config(app, host="127.0.0.1", port=config.mcp_port, log_level="warning",
                             timeout_graceful_shutdown=int(END_WITHIN_S), server_header=False)
-    await uvicorn.Server(config).serve()
+    await uvicorn.Server(server).serve()
