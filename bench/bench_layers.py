@@ -31,6 +31,7 @@ from pathlib import Path
 
 import baseline
 import load
+import smoke
 
 from stockade import protocol
 from stockade.limits import LimitsIn
@@ -228,7 +229,7 @@ def end_descendants() -> None:
 def parent_pid(pid: int) -> int:
     """A process's parent, from /proc (0 if it is gone)."""
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        return int(smoke.stat_fields(Path(f"/proc/{pid}"))[1])
     except (OSError, IndexError, ValueError):
         return 0
 

@@ -30,6 +30,12 @@ ROWS = re.compile(r"^bench: (\d+) rows, pid \d+$", re.MULTILINE)
 MARK = "stockade-bench"
 
 
+def stat_fields(proc: Path) -> list[str]:
+    """/proc/PID/stat's fields after the command's name (which may hold spaces and ')'):
+    [0] the state, [1] the parent, [19] the start tick."""
+    return (proc / "stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _process_table() -> dict[int, tuple[int, str, str, str]]:
     """Every process now: pid -> (parent, start tick, command line, cgroups)."""
     table = {}
@@ -38,7 +44,7 @@ def _process_table() -> dict[int, tuple[int, str, str, str]]:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(
                 errors="replace")
             cgroup = (proc / "cgroup").read_text()
-            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            stat = stat_fields(proc)
             table[int(proc.name)] = (int(stat[1]), stat[19], cmdline, cgroup)
         except (OSError, IndexError, ValueError):
             continue
